@@ -1,0 +1,3 @@
+"""Tertulia: a self-hosted ChatGPT you own."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from tertulia.cli import main
+
+main()

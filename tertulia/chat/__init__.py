@@ -1,0 +1,1 @@
+"""Chat layer: conversations, personas, and fitting history into a model's context."""

@@ -1,0 +1,91 @@
+"""The `tertulia` command and its subcommands."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tertulia import __version__
+from tertulia.config import DEFAULT_MODEL
+
+app = typer.Typer(
+    name="tertulia",
+    help="A self-hosted ChatGPT you own: chat, serve an OpenAI-compatible API, fine-tune, evaluate.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ModelOption = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Registry name, HF-format directory or .gguf file.",
+        show_default=True,
+    ),
+]
+QuantizeOption = Annotated[
+    str,
+    typer.Option(
+        "--quantize",
+        "-q",
+        help="Weights for serving: auto (int4 for 4-bit GGUF, else none), int4, int8 or none (float32).",
+    ),
+]
+
+
+@app.command()
+def chat(
+    model: ModelOption = DEFAULT_MODEL,
+    prompt: Annotated[
+        str | None,
+        typer.Option("--prompt", "-p", help="Answer this one prompt, print only the answer, and exit ('-' reads stdin)."),
+    ] = None,
+    system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.3,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.9,
+    max_tokens: Annotated[int | None, typer.Option(help="Longest reply in tokens.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    quantize: QuantizeOption = "auto",
+) -> None:
+    """Chat in the terminal: streaming replies, history, slash commands (/help)."""
+    from tertulia.cli.chat import run_chat
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    run_chat(
+        model=model,
+        prompt=prompt,
+        system=system,
+        temperature=temperature,
+        top_p=top_p,
+        max_tokens=max_tokens,
+        seed=seed,
+        quantize=quantize,
+    )
+
+
+@app.command("models")
+def list_models() -> None:
+    """List the models Tertulia can load."""
+    from tertulia.models.registry import available
+
+    table = Table(title="Models")
+    for column in ("name", "kind", "description", "where"):
+        table.add_column(column)
+    for entry in available():
+        where = entry.location if entry.available else f"not installed: {entry.location}"
+        table.add_row(entry.name, entry.kind, entry.description, where)
+    Console().print(table)
+    Console().print("Also: any HF-format directory or .gguf file, e.g. --model ./my-model")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    print(__version__)

@@ -1,0 +1,32 @@
+"""Where Tertulia keeps its data, from the environment (see the README's configuration table)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def home() -> Path:
+    """TERTULIA_HOME, or ~/.local/share/tertulia; created on first use."""
+    root = os.environ.get("TERTULIA_HOME") or os.path.join(
+        os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "tertulia"
+    )
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cache_dir() -> Path:
+    """Converted models (safetensors) live here so the second load is fast."""
+    path = home() / "cache"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def models_dir() -> Path:
+    """Models fetched with `tertulia pull` and models trained locally."""
+    path = home() / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,1 @@
+"""Engine: KV cache, attention over it, sampling, stop strings, streaming detokenization, quantization."""

@@ -1,0 +1,200 @@
+"""The engine: prefill new prompts, then decode every running sequence in one batched forward.
+
+`add` queues a request (n sequences sharing one prompt); each `step` admits waiting requests while
+KV slots are free (prefilling the shared prompt once and copying it to the other n-1 slots), then
+decodes one token for every running sequence. `generate` drives steps for a single request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from tertulia.engine import quant
+from tertulia.engine.kv_cache import DecodeAttention, KVCache, PrefillAttention
+from tertulia.engine.sampling import SamplingParams, sample, top_logprobs
+from tertulia.engine.sequence import Sequence, Status, StepOutput, TokenLogprob
+from tertulia.errors import PromptError
+from tertulia.models.registry import LoadedModel
+
+# Prompts are prefilled in chunks so attention scores stay small for long prompts.
+PREFILL_CHUNK = 512
+
+
+@dataclass
+class EngineStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+
+
+class Engine:
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        max_batch: int = 16,
+        max_context: int | None = None,
+        quantization: str = "none",
+    ) -> None:
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.quantization = quant.apply(model.module, quantization)
+        self.context = min(model.context_length, max_context or model.context_length)
+        self.vocab_size = model.config.vocab_size
+        self.stop_ids = self.tokenizer.end_of_turn_ids() | set(model.config.eos_ids)
+        self.cache = KVCache(model.config, max_batch, self.context)
+        self.max_batch = max_batch
+        self.waiting: deque[list[Sequence]] = deque()
+        self.running: list[Sequence] = []
+        self.stats = EngineStats()
+        self._groups = itertools.count()
+
+    # --- requests -----------------------------------------------------------------------------
+    def check_prompt(self, prompt: list[int], params: SamplingParams) -> int:
+        """Validate a request; return how many tokens it may generate."""
+        if not prompt:
+            raise PromptError("The prompt is empty.", "Write something to send.")
+        if params.n > self.max_batch:
+            raise PromptError(f"n={params.n} exceeds this engine's {self.max_batch} parallel sequences.")
+        room = self.context - len(prompt)
+        if room < 1 or (params.max_tokens is not None and params.max_tokens > room):
+            wanted = params.max_tokens or 1
+            raise PromptError(
+                f"This model's context is {self.context} tokens; the prompt has {len(prompt)} and "
+                f"{wanted} more were requested ({len(prompt) + wanted} in all).",
+                "Shorten the conversation or ask for fewer tokens.",
+                code="context_length_exceeded",
+            )
+        params.validate(self.vocab_size)
+        return params.max_tokens or room
+
+    def add(self, prompt: list[int], params: SamplingParams) -> list[Sequence]:
+        max_tokens = self.check_prompt(prompt, params)
+        group = next(self._groups)
+        sequences = [
+            Sequence(
+                prompt=list(prompt),
+                params=params,
+                max_tokens=max_tokens,
+                token_bytes=self.tokenizer.token_bytes,
+                vocab_size=self.vocab_size,
+                index=i,
+                group=group,
+            )
+            for i in range(params.n)
+        ]
+        self.waiting.append(sequences)
+        return sequences
+
+    def abort(self, sequences: list[Sequence]) -> None:
+        """Stop sequences now (client gone, Stop pressed) and free their slots."""
+        for seq in sequences:
+            seq.abort()
+        self.waiting = deque(g for g in self.waiting if any(s.status is Status.WAITING for s in g))
+        self._release_finished()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --- stepping -----------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        outputs: list[StepOutput] = []
+        decoding = list(self.running)
+        while self.waiting and len(self.waiting[0]) <= self.cache.free_slots:
+            outputs += self._prefill(self.waiting.popleft())
+        if decoding:
+            outputs += self._decode(decoding)
+        self._release_finished()
+        return outputs
+
+    def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[StepOutput]:
+        """Run one request to completion, yielding outputs as they are produced."""
+        sequences = self.add(prompt, params)
+        try:
+            while any(s.status is not Status.FINISHED for s in sequences):
+                for out in self.step():
+                    if out.sequence in sequences:
+                        yield out
+        finally:
+            self.abort(sequences)
+
+    def _prefill(self, group: list[Sequence]) -> list[StepOutput]:
+        first = group[0]
+        first.slot = self.cache.allocate()
+        prompt = first.prompt
+        self.cache.reserve(len(prompt) + 1)
+        hidden = None
+        for start in range(0, len(prompt), PREFILL_CHUNK):
+            chunk = prompt[start : start + PREFILL_CHUNK]
+            hidden = self.model.module(
+                torch.tensor(chunk),
+                torch.arange(start, start + len(chunk)),
+                PrefillAttention(self.cache, first.slot, start, len(chunk)),
+            )
+        assert hidden is not None
+        logits = self.model.module.compute_logits(hidden[-1:])
+        for seq in group[1:]:
+            seq.slot = self.cache.allocate()
+            self.cache.copy_prefix(first.slot, seq.slot, len(prompt))
+        self.stats.prompt_tokens += len(prompt)
+        for seq in group:
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+        return self._sample(group, logits.expand(len(group), -1).clone())
+
+    def _decode(self, sequences: list[Sequence]) -> list[StepOutput]:
+        started = time.perf_counter()
+        sequences = [s for s in sequences if s.status is Status.RUNNING]
+        if not sequences:
+            return []
+        positions = [s.length - 1 for s in sequences]
+        self.cache.reserve(max(positions) + 2)
+        hidden = self.model.module(
+            torch.tensor([s.output[-1] for s in sequences]),
+            torch.tensor(positions),
+            DecodeAttention(self.cache, [s.slot for s in sequences], positions),
+        )
+        outputs = self._sample(sequences, self.model.module.compute_logits(hidden))
+        self.stats.decode_seconds += time.perf_counter() - started
+        self.stats.decode_steps += 1
+        return outputs
+
+    def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
+        params = [s.params for s in sequences]
+        want_logprobs = [p.logprobs is not None for p in params]
+        raw = logits.clone() if any(want_logprobs) else None
+        tokens = sample(logits, params, [s.history for s in sequences], [s.generator for s in sequences])
+        token_list = tokens.tolist()
+        logprob_rows = None
+        if raw is not None:
+            k = max(p.logprobs or 0 for p in params)
+            logprob_rows = top_logprobs(raw, tokens, k)
+        outputs = []
+        for row, (seq, token) in enumerate(zip(sequences, token_list, strict=True)):
+            text = seq.append(token, self.stop_ids, self.context)
+            self.stats.generated_tokens += 1
+            logprob = None
+            if logprob_rows is not None and want_logprobs[row]:
+                chosen, alternatives = logprob_rows[row]
+                logprob = TokenLogprob(token, chosen, alternatives[: seq.params.logprobs or 0])
+            outputs.append(StepOutput(seq, text, token, logprob))
+        return outputs
+
+    def _release_finished(self) -> None:
+        still = []
+        for seq in self.running:
+            if seq.status is Status.FINISHED:
+                if seq.slot is not None:
+                    self.cache.release(seq.slot)
+                    seq.slot = None
+            else:
+                still.append(seq)
+        self.running = still

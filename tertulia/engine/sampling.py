@@ -1,0 +1,155 @@
+"""Sampling parameters and the sampler that turns a batch of logits into next tokens.
+
+Order of operations follows common practice (HF/vLLM): logit bias, repetition penalty (prompt and
+output, multiplicative), frequency/presence penalties (output only, additive, as in OpenAI's API),
+then temperature, top-k, top-p and min-p, then a draw from each sequence's own generator, so a
+seeded request gives the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    n: int = 1
+    max_tokens: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise ValueError with a message fit for an API error."""
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.n >= 1, "n must be >= 1"),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        for token, bias in self.logit_bias.items():
+            if not 0 <= token < vocab_size:
+                raise ValueError(f"logit_bias token {token} is outside the vocabulary (0..{vocab_size - 1})")
+            if not -100 <= bias <= 100:
+                raise ValueError("logit_bias values must be in [-100, 100]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+    return generator
+
+
+class TokenHistory:
+    """Counts of each token a sequence has seen, kept only when a penalty needs them."""
+
+    def __init__(self, prompt: list[int], vocab_size: int, params: SamplingParams) -> None:
+        self.needs_output = params.frequency_penalty != 0 or params.presence_penalty != 0
+        self.needs_all = params.repetition_penalty != 1.0
+        self.output_counts = torch.zeros(vocab_size) if self.needs_output else None
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool) if self.needs_all else None
+        if self.seen is not None and prompt:
+            self.seen[torch.tensor(prompt)] = True
+
+    def add(self, token: int) -> None:
+        if self.output_counts is not None:
+            self.output_counts[token] += 1
+        if self.seen is not None:
+            self.seen[token] = True
+
+
+def apply_penalties(
+    logits: torch.Tensor, params: list[SamplingParams], histories: list[TokenHistory]
+) -> torch.Tensor:
+    """Logit bias and penalties, row by row (only rows that ask for them pay for them)."""
+    for row, (p, history) in enumerate(zip(params, histories, strict=True)):
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias.keys()))
+            logits[row, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype)
+        if history.seen is not None:
+            seen = logits[row, history.seen]
+            logits[row, history.seen] = torch.where(
+                seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty
+            )
+        if history.output_counts is not None:
+            counts = history.output_counts
+            logits[row] -= counts * p.frequency_penalty + (counts > 0).to(logits.dtype) * p.presence_penalty
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    histories: list[TokenHistory],
+    generators: list[torch.Generator],
+) -> torch.Tensor:
+    """Next token for each row of `logits` [B, V] (modified in place)."""
+    logits = apply_penalties(logits, params, histories)
+    greedy_tokens = logits.argmax(dim=-1)
+    if all(p.greedy for p in params):
+        return greedy_tokens
+    temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params])
+    logits = logits / temperature.unsqueeze(1)
+    top_k = max(p.top_k for p in params)
+    if top_k:
+        k = torch.tensor([p.top_k or logits.shape[1] for p in params]).clamp(max=logits.shape[1])
+        sorted_desc = logits.topk(min(top_k, logits.shape[1]), dim=-1).values
+        kth = sorted_desc.gather(1, (k.clamp(max=sorted_desc.shape[1]) - 1).unsqueeze(1))
+        kth = torch.where((k >= logits.shape[1]).unsqueeze(1), torch.full_like(kth, -torch.inf), kth)
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    probs = torch.softmax(logits, dim=-1)
+    min_p = torch.tensor([p.min_p for p in params])
+    if bool((min_p > 0).any()):
+        threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    top_p = torch.tensor([p.top_p for p in params])
+    if bool((top_p < 1).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop = before > top_p.unsqueeze(1) * sorted_probs.sum(dim=-1, keepdim=True)
+        probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
+    tokens = greedy_tokens.clone()
+    for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
+        if not p.greedy:
+            tokens[row] = torch.multinomial(probs[row], 1, generator=generator)[0]
+    return tokens
+
+
+def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """The chosen token's log-probability and the `k` most likely alternatives, per row."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    result = []
+    if k:
+        values, ids = logp.topk(k, dim=-1)
+    for row in range(logits.shape[0]):
+        alternatives = list(zip(ids[row].tolist(), values[row].tolist(), strict=True)) if k else []
+        result.append((float(chosen[row]), alternatives))
+    return result

@@ -1,0 +1,99 @@
+"""A request's journey through the engine: waiting -> running -> finished."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tertulia.engine.detokenize import IncrementalDetokenizer, StopMatcher
+from tertulia.engine.sampling import SamplingParams, TokenHistory, make_generator
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class StepOutput:
+    """What one engine step produced for one sequence: new text (may be empty) and maybe the end."""
+
+    sequence: Sequence
+    text: str
+    token: int | None
+    logprob: TokenLogprob | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.sequence.status is Status.FINISHED
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    token_bytes: list[bytes | None]
+    vocab_size: int
+    index: int = 0
+    group: int = 0
+    slot: int | None = None
+    status: Status = Status.WAITING
+    output: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    created: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    def __post_init__(self) -> None:
+        # n > 1 with a seed: each choice gets its own stream, derived from the seed and its index.
+        seed = None if self.params.seed is None else self.params.seed + self.index
+        self.generator: torch.Generator = make_generator(seed)
+        self.history = TokenHistory(self.prompt, self.vocab_size, self.params)
+        self.detokenizer = IncrementalDetokenizer(self.token_bytes)
+        self.stopper = StopMatcher(self.params.stop)
+
+    @property
+    def length(self) -> int:
+        """Tokens whose keys/values are (or will be, after this step) in the cache."""
+        return len(self.prompt) + len(self.output)
+
+    def append(self, token: int, stop_ids: set[int], context: int) -> str:
+        """Record a sampled token; decide whether the sequence ends; return the text to emit."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.output.append(token)
+        self.history.add(token)
+        if token in stop_ids and not self.params.ignore_eos:
+            return self._finish("stop")
+        piece = self.stopper.push(self.detokenizer.add(token))
+        self.text += piece
+        if self.stopper.stopped:
+            return piece + self._finish("stop")
+        if len(self.output) >= self.max_tokens or self.length >= context:
+            return piece + self._finish("length")
+        return piece
+
+    def abort(self) -> None:
+        if self.status is not Status.FINISHED:
+            self._finish("abort")
+
+    def _finish(self, reason: str) -> str:
+        self.status = Status.FINISHED
+        self.finish_reason = reason
+        self.finished_at = time.perf_counter()
+        tail = "" if self.stopper.stopped else self.stopper.push(self.detokenizer.flush()) + self.stopper.flush()
+        self.text += tail
+        return tail

@@ -1,0 +1,1 @@
+"""Models layer: architecture, loaders (GGUF, HF directories), tokenizer, chat template, registry."""

