@@ -1,0 +1,100 @@
+"""Shared fixtures: the real embedded model (loaded once per session) and tiny random models.
+
+Tests keep their data under TERTULIA_HOME (default: .test-home in the repository), so the one-time
+GGUF conversion of the embedded model is reused across runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("TERTULIA_HOME", str(REPO / ".test-home"))
+
+import torch  # noqa: E402
+
+from tertulia.models import registry  # noqa: E402
+from tertulia.models.chat_template import ChatTemplate  # noqa: E402
+from tertulia.models.config import ModelConfig  # noqa: E402
+from tertulia.models.llama import LlamaModel  # noqa: E402
+from tertulia.models.registry import LoadedModel  # noqa: E402
+from tertulia.models.tokenizer import Tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def embedded_gguf() -> Path:
+    """Path of the embedded default model's GGUF file (installed by `make`)."""
+    _, path = registry.resolve("smollm2-135m")
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded_dir(embedded_gguf: Path) -> Path:
+    """The HF-format conversion of the embedded model (config.json, model.safetensors, tokenizer)."""
+    return registry.converted_dir(embedded_gguf)
+
+
+@pytest.fixture(scope="session")
+def real_model(embedded_dir: Path) -> LoadedModel:
+    """The embedded model in float32, shared by the session: do not quantize it in place
+    (build an Engine with quantization="none", or load a private copy with registry.load())."""
+    return registry.load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer(embedded_dir: Path) -> Tokenizer:
+    return Tokenizer.from_dir(embedded_dir)
+
+
+def tiny_config(**overrides: object) -> ModelConfig:
+    values: dict[str, object] = dict(
+        model_type="llama",
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        eos_token_id=2,
+    )
+    values.update(overrides)
+    return ModelConfig(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def make_tiny_model(real_tokenizer: Tokenizer, embedded_dir: Path) -> Callable[..., LoadedModel]:
+    """Random-weight Llama-family models (2 layers, width 64) with the real tokenizer and template.
+
+    Weights are scaled up so logits are peaked enough for greedy decoding to be stable under float noise.
+    """
+    from tertulia.models import hf
+
+    template_source = hf.read_chat_template(embedded_dir)
+
+    def make(seed: int = 0, **overrides: object) -> LoadedModel:
+        config = tiny_config(**overrides)
+        torch.manual_seed(seed)
+        module = LlamaModel(config)
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                if "norm" not in name:
+                    param.normal_(0, 0.5 if "embed" in name else 0.2)
+        module.eval()
+        return LoadedModel(
+            name=f"tiny-{config.model_type}",
+            source=embedded_dir,
+            config=config,
+            module=module,
+            tokenizer=real_tokenizer,
+            template=ChatTemplate(template_source, real_tokenizer),
+            source_quantization={},
+        )
+
+    return make
