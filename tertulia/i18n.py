@@ -28,14 +28,20 @@ MESSAGES: dict[str, dict[str, str]] = {
         ),
     },
     "reset": {"en": "New conversation.", "es": "Conversación nueva."},
-    "system_set": {"en": "System prompt set; new conversation.", "es": "Prompt de sistema fijado; conversación nueva."},
+    "system_set": {
+        "en": "System prompt set; new conversation.",
+        "es": "Prompt de sistema fijado; conversación nueva.",
+    },
     "system_cleared": {
         "en": "System prompt back to the model's default; new conversation.",
         "es": "Prompt de sistema del modelo restaurado; conversación nueva.",
     },
     "temperature_set": {"en": "Temperature: {value}", "es": "Temperatura: {value}"},
     "max_tokens_set": {"en": "Max tokens: {value}", "es": "Tokens máximos: {value}"},
-    "bad_number": {"en": "{command} needs a number, e.g. {example}", "es": "{command} necesita un número, p. ej. {example}"},
+    "bad_number": {
+        "en": "{command} needs a number, e.g. {example}",
+        "es": "{command} necesita un número, p. ej. {example}",
+    },
     "unknown_command": {
         "en": "Unknown command {command}. /help lists the commands.",
         "es": "Comando desconocido {command}. /help muestra los comandos.",

@@ -41,7 +41,12 @@ class ChatSession:
             raise PromptError("The message is empty.", "Type something to send.")
         context = self.provider.context_length
         reserve = self.params.max_tokens or min(DEFAULT_REPLY_RESERVE, context // 4)
-        fitted = fit(self.messages() + [{"role": "user", "content": text}], self.provider.count_tokens, context, reserve)
+        fitted = fit(
+            self.messages() + [{"role": "user", "content": text}],
+            self.provider.count_tokens,
+            context,
+            reserve,
+        )
         params = replace(self.params, n=1, max_tokens=min(reserve, context - fitted.prompt_tokens))
         self.history.append({"role": "user", "content": text})
         self.last_fit, self.last_usage, self.last_finish_reason = fitted, Usage(), None

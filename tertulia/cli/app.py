@@ -44,7 +44,11 @@ def chat(
     model: ModelOption = DEFAULT_MODEL,
     prompt: Annotated[
         str | None,
-        typer.Option("--prompt", "-p", help="Answer this one prompt, print only the answer, and exit ('-' reads stdin)."),
+        typer.Option(
+            "--prompt",
+            "-p",
+            help="Answer this one prompt, print only the answer, and exit ('-' reads stdin).",
+        ),
     ] = None,
     system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.3,

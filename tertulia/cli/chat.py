@@ -8,6 +8,7 @@ from dataclasses import replace
 from rich.console import Console
 
 from tertulia.chat.session import ChatSession
+from tertulia.engine.quant import MODES
 from tertulia.engine.sampling import SamplingParams
 from tertulia.errors import PromptError, TertuliaError
 from tertulia.i18n import t
@@ -31,6 +32,8 @@ def run_chat(
         params.validate(vocab_size=1 << 30)
     except ValueError as exc:
         raise PromptError(str(exc)) from None
+    if quantize not in ("auto", *MODES):
+        raise PromptError(f"Unknown quantization '{quantize}'; choose auto, {', '.join(MODES)}.")
     if prompt is not None and not prompt.strip():
         raise PromptError("The prompt is empty.", "Pass some text with -p.")
     if prompt is None:

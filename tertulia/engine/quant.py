@@ -19,6 +19,8 @@ import warnings
 import torch
 from torch import nn
 
+from tertulia.errors import TertuliaError
+
 MODES = ("none", "int8", "int4")
 GROUP_SIZE = 32
 
@@ -40,7 +42,9 @@ class Int4Linear(nn.Module):
         scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
         self.register_buffer("scales_and_zeros", scales_and_zeros)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        self.bias = (
+            None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        )
         self.group_size = group_size
         self.out_features = out_features
 
@@ -61,7 +65,9 @@ class Int8Linear(nn.Module):
         super().__init__()
         weight = linear.weight.detach().float()
         scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-10)
-        self.register_buffer("weight_int8", (weight / scale.unsqueeze(1)).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer(
+            "weight_int8", (weight / scale.unsqueeze(1)).round().clamp(-127, 127).to(torch.int8)
+        )
         self.register_buffer("scale", scale.to(torch.bfloat16))
         self.out_features = weight.shape[0]
 
@@ -76,7 +82,7 @@ class Int8Linear(nn.Module):
 def apply(module: nn.Module, mode: str) -> str:
     """Quantize the decoder layers' linear layers of `module` in place; return the mode applied."""
     if mode not in MODES:
-        raise ValueError(f"Unknown quantization '{mode}'; choose one of {', '.join(MODES)}.")
+        raise TertuliaError(f"Unknown quantization '{mode}'; choose one of {', '.join(MODES)}.")
     if mode == "none":
         return mode
     layers = module.layers

@@ -94,6 +94,8 @@ class Sequence:
         self.status = Status.FINISHED
         self.finish_reason = reason
         self.finished_at = time.perf_counter()
-        tail = "" if self.stopper.stopped else self.stopper.push(self.detokenizer.flush()) + self.stopper.flush()
+        tail = (
+            "" if self.stopper.stopped else self.stopper.push(self.detokenizer.flush()) + self.stopper.flush()
+        )
         self.text += tail
         return tail

@@ -179,6 +179,8 @@ def fuse_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> d
             )
         out[dst + "o_proj.weight"] = state[attn + "o_proj.weight"]
         mlp = src + "mlp."
-        out[dst + "gate_up_proj.weight"] = torch.cat([state[mlp + "gate_proj.weight"], state[mlp + "up_proj.weight"]])
+        out[dst + "gate_up_proj.weight"] = torch.cat(
+            [state[mlp + "gate_proj.weight"], state[mlp + "up_proj.weight"]]
+        )
         out[dst + "down_proj.weight"] = state[mlp + "down_proj.weight"]
     return out

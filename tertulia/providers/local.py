@@ -20,9 +20,13 @@ class LocalProvider:
         self.context_length = engine.context
 
     @classmethod
-    def load(cls, spec: str | None = None, *, quantization: str = "auto", max_batch: int = 8) -> LocalProvider:
+    def load(
+        cls, spec: str | None = None, *, quantization: str = "auto", max_batch: int = 8
+    ) -> LocalProvider:
         model = registry.load(spec)
-        return cls(Engine(model, quantization=registry.pick_quantization(model, quantization), max_batch=max_batch))
+        return cls(
+            Engine(model, quantization=registry.pick_quantization(model, quantization), max_batch=max_batch)
+        )
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         return self.model.template.encode(messages, add_generation_prompt=True)
@@ -42,4 +46,6 @@ class LocalProvider:
             if usage.first_token_seconds is None:
                 usage.first_token_seconds = usage.seconds
             if out.text or out.finished:
-                yield Chunk(out.sequence.index, out.text, out.sequence.finish_reason if out.finished else None)
+                yield Chunk(
+                    out.sequence.index, out.text, out.sequence.finish_reason if out.finished else None
+                )

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and other measures of a model's quality."""

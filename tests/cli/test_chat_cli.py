@@ -1,0 +1,91 @@
+"""`tertulia chat` and `tertulia models` as a user runs them: real processes, the real model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def tertulia(*args: str, stdin: str | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TERTULIA_LANG="en")
+    return subprocess.run(
+        [sys.executable, "-m", "tertulia", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_one_shot_answers_paris(embedded_dir) -> None:
+    result = tertulia("chat", "-p", "What is the capital of France?", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    # -p prints only the answer: no banner, no stats on stdout.
+    assert "Tertulia" not in result.stdout and "tok/s" not in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_one_shot_reads_stdin_and_honours_max_tokens(embedded_dir) -> None:
+    result = tertulia(
+        "chat", "-p", "-", "--temperature", "0", "--max-tokens", "3", stdin="Count from 1 to 50."
+    )
+    assert result.returncode == 0, result.stderr
+    assert 0 < len(result.stdout.strip()) < 40
+
+
+def test_interactive_session_keeps_history_and_runs_commands(embedded_dir) -> None:
+    script = "\n".join(
+        [
+            "/help",
+            "/temperature 0",
+            "/temperature hot",
+            "My name is Alice. Reply with just OK.",
+            "What is my name?",
+            "/reset",
+            "/nonsense",
+            "/exit",
+        ]
+    )
+    result = tertulia("chat", "--max-tokens", "24", stdin=script + "\n")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "/system" in out  # the help text
+    assert "Temperature: 0.0" in out
+    assert "needs a number" in out
+    assert "tok/s" in out
+    assert "New conversation." in out
+    assert "Unknown command /nonsense" in out
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["chat", "-p", ""], "empty"),
+        (["chat", "-p", "hi", "--temperature", "-1"], "temperature"),
+        (["chat", "-m", "/no/such/model", "-p", "hi"], "No model"),
+        (["chat", "-p", "hi", "--quantize", "int3"], "quantization"),
+        (["chat", "-p", "word " * 9000, "--max-tokens", "8"], "context"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(args: list[str], fragment: str, embedded_dir) -> None:
+    result = tertulia(*args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:")
+    assert fragment.lower() in lines[0].lower()
+
+
+def test_models_lists_the_embedded_default() -> None:
+    result = tertulia("models")
+    assert result.returncode == 0
+    assert "smollm2-135m" in result.stdout
