@@ -109,7 +109,9 @@ class Engine:
         outputs: list[StepOutput] = []
         decoding = list(self.running)
         while self.waiting and len(self.waiting[0]) <= self.cache.free_slots:
-            outputs += self._prefill(self.waiting.popleft())
+            group = [s for s in self.waiting.popleft() if s.status is Status.WAITING]
+            if group:
+                outputs += self._prefill(group)
         if decoding:
             outputs += self._decode(decoding)
         self._release_finished()

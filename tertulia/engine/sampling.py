@@ -50,6 +50,9 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        for token in self.stop_token_ids:
+            if not 0 <= token < vocab_size:
+                raise ValueError(f"stop_token_ids has {token}, outside the vocabulary (0..{vocab_size - 1})")
         for token, bias in self.logit_bias.items():
             if not 0 <= token < vocab_size:
                 raise ValueError(f"logit_bias token {token} is outside the vocabulary (0..{vocab_size - 1})")
@@ -125,16 +128,16 @@ def sample(
         kth = torch.where((k >= logits.shape[1]).unsqueeze(1), torch.full_like(kth, -torch.inf), kth)
         logits = logits.masked_fill(logits < kth, -torch.inf)
     probs = torch.softmax(logits, dim=-1)
-    min_p = torch.tensor([p.min_p for p in params])
-    if bool((min_p > 0).any()):
-        threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
-        probs = probs.masked_fill(probs < threshold, 0.0)
     top_p = torch.tensor([p.top_p for p in params])
     if bool((top_p < 1).any()):
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs
         drop = before > top_p.unsqueeze(1) * sorted_probs.sum(dim=-1, keepdim=True)
         probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
+    min_p = torch.tensor([p.min_p for p in params])
+    if bool((min_p > 0).any()):
+        threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
+        probs = probs.masked_fill(probs < threshold, 0.0)
     tokens = greedy_tokens.clone()
     for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
         if not p.greedy:
@@ -142,7 +145,9 @@ def sample(
     return tokens
 
 
-def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+def top_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, k: int
+) -> list[tuple[float, list[tuple[int, float]]]]:
     """The chosen token's log-probability and the `k` most likely alternatives, per row."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     chosen = logp.gather(1, tokens.unsqueeze(1)).squeeze(1)

@@ -76,7 +76,8 @@ class Sequence:
             self.first_token_at = time.perf_counter()
         self.output.append(token)
         self.history.add(token)
-        if token in stop_ids and not self.params.ignore_eos:
+        # ignore_eos skips the model's own end tokens; explicit stop_token_ids always stop.
+        if (token in stop_ids and not self.params.ignore_eos) or token in self.params.stop_token_ids:
             return self._finish("stop")
         piece = self.stopper.push(self.detokenizer.add(token))
         self.text += piece

@@ -1,0 +1,608 @@
+"""The engine on tiny random models: batching, seeds, stopping, slots, errors, the KV cache and quantization.
+
+The reference for "correct" is a from-scratch forward pass: the whole token sequence in one prefill on a
+fresh cache, whose logits at every position must match what the engine computed step by step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tertulia.engine import quant
+from tertulia.engine.detokenize import IncrementalDetokenizer
+from tertulia.engine.engine import Engine
+from tertulia.engine.kv_cache import KVCache, PrefillAttention
+from tertulia.engine.sampling import SamplingParams
+from tertulia.engine.sequence import Sequence, Status, StepOutput
+from tertulia.errors import PromptError, TertuliaError
+from tertulia.models.registry import LoadedModel
+
+MakeModel = Callable[..., LoadedModel]
+
+FIRST_PLAIN_ID = 17  # ids 0..16 are special tokens in the SmolLM2 vocabulary
+
+
+def random_prompt(length: int, seed: int = 0) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(FIRST_PLAIN_ID, 49152, (length,), generator=generator).tolist()
+
+
+def greedy(max_tokens: int, **extra: object) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **extra)  # type: ignore[arg-type]
+
+
+def run(engine: Engine) -> list[StepOutput]:
+    outputs: list[StepOutput] = []
+    while engine.has_work:
+        outputs += engine.step()
+    return outputs
+
+
+def generate(engine: Engine, prompt: list[int], params: SamplingParams) -> list[Sequence]:
+    sequences = engine.add(prompt, params)
+    run(engine)
+    return sequences
+
+
+def detokenize(model: LoadedModel, tokens: list[int]) -> str:
+    detokenizer = IncrementalDetokenizer(model.tokenizer.token_bytes)
+    return "".join(detokenizer.add(t) for t in tokens) + detokenizer.flush()
+
+
+def recompute_logits(model: LoadedModel, tokens: list[int]) -> torch.Tensor:
+    """Logits [len(tokens), V] from one prefill of the whole sequence on a fresh cache."""
+    cache = KVCache(model.config, 1, len(tokens))
+    cache.reserve(len(tokens))
+    hidden = model.module(
+        torch.tensor(tokens), torch.arange(len(tokens)), PrefillAttention(cache, 0, 0, len(tokens))
+    )
+    return model.module.compute_logits(hidden)
+
+
+def record_logits(model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """Every logits tensor the engine computes, in order (a spy on compute_logits; behaviour unchanged)."""
+    calls: list[torch.Tensor] = []
+    original = model.module.compute_logits
+
+    def spy(hidden: torch.Tensor) -> torch.Tensor:
+        logits = original(hidden)
+        calls.append(logits.clone())
+        return logits
+
+    monkeypatch.setattr(model.module, "compute_logits", spy)
+    return calls
+
+
+# --- batching -------------------------------------------------------------------------------------
+
+
+def test_batched_decode_equals_solo_decode(make_tiny_model: MakeModel) -> None:
+    model = make_tiny_model()
+    prompts = [random_prompt(n, seed=n) for n in (3, 8, 13, 21)]
+    budgets = [4, 12, 12, 10]
+    solo = [
+        generate(Engine(model, max_batch=4), p, greedy(m))[0].output
+        for p, m in zip(prompts, budgets, strict=True)
+    ]
+
+    engine = Engine(model, max_batch=4)
+    first = [engine.add(p, greedy(m))[0] for p, m in zip(prompts[:3], budgets[:3], strict=True)]
+    while first[0].status is not Status.FINISHED:
+        engine.step()
+    # The first request has freed slot 0: the late one takes it, so the running slots are [1, 2, 0]
+    # at different positions (a gathered, masked decode).
+    late = engine.add(prompts[3], greedy(budgets[3]))[0]
+    engine.step()
+    assert [first[1].slot, first[2].slot, late.slot] == [1, 2, 0]
+    run(engine)
+    assert late.slot is None and engine.cache.free_slots == 4
+    batched = [s.output for s in [*first, late]]
+    for got, want, budget in zip(batched, solo, budgets, strict=True):
+        assert len(want) == budget
+        assert got == want
+
+
+def test_requests_wait_for_a_free_slot(make_tiny_model: MakeModel) -> None:
+    model = make_tiny_model(seed=1)
+    prompts = [random_prompt(5 + i, seed=10 + i) for i in range(3)]
+    solo = [generate(Engine(model, max_batch=1), p, greedy(6))[0].output for p in prompts]
+    engine = Engine(model, max_batch=2)
+    sequences = [engine.add(p, greedy(6))[0] for p in prompts]
+    engine.step()
+    assert [s.status for s in sequences] == [Status.RUNNING, Status.RUNNING, Status.WAITING]
+    run(engine)
+    assert [s.output for s in sequences] == solo
+    assert all(s.finish_reason == "length" for s in sequences)
+
+
+def test_streamed_text_equals_the_sequence_text(make_tiny_model: MakeModel) -> None:
+    model = make_tiny_model()
+    engine = Engine(model)
+    sequences = engine.add(random_prompt(6), greedy(20))
+    streamed = "".join(o.text for o in run(engine))
+    assert streamed == sequences[0].text == detokenize(model, sequences[0].output)
+    assert streamed.strip()
+
+
+# --- n and seeds ----------------------------------------------------------------------------------
+
+
+def test_n_choices_with_a_seed_are_reproducible(make_tiny_model: MakeModel) -> None:
+    model = make_tiny_model()
+    prompt = random_prompt(7)
+    params = dict(temperature=1.0, seed=1234, n=3, max_tokens=8, ignore_eos=True)
+    first = generate(Engine(model), prompt, SamplingParams(**params))  # type: ignore[arg-type]
+    second = generate(Engine(model), prompt, SamplingParams(**params))  # type: ignore[arg-type]
+    assert len(first) == 3
+    assert [s.index for s in first] == [0, 1, 2]
+    assert len({s.group for s in first}) == 1
+    assert [s.output for s in first] == [s.output for s in second]
+    assert all(len(s.output) == 8 for s in first)
+    assert len({tuple(s.output) for s in first}) == 3  # three different draws, not one copied
+    other = generate(Engine(model), prompt, SamplingParams(**{**params, "seed": 99}))  # type: ignore[arg-type]
+    assert [s.output for s in other] != [s.output for s in first]
+
+
+def test_each_choice_matches_a_single_request_with_its_derived_seed(make_tiny_model: MakeModel) -> None:
+    """Choice i of (seed s, n) is seeded s + i: the prompt copied into its slot must give the same draws."""
+    model = make_tiny_model()
+    prompt = random_prompt(9, seed=3)
+    choices = generate(Engine(model), prompt, SamplingParams(temperature=1.0, seed=50, n=3, max_tokens=6))
+    for choice in choices:
+        single = generate(
+            Engine(model), prompt, SamplingParams(temperature=1.0, seed=50 + choice.index, max_tokens=6)
+        )[0]
+        assert single.output == choice.output
+
+
+# --- how generation ends --------------------------------------------------------------------------
+
+
+def test_max_tokens_finishes_with_length(make_tiny_model: MakeModel) -> None:
+    model = make_tiny_model()
+    for max_tokens in (1, 7):
+        seq = generate(Engine(model), random_prompt(4), greedy(max_tokens))[0]
+        assert seq.finish_reason == "length"
+        assert len(seq.output) == max_tokens
+        assert seq.status is Status.FINISHED
+
+
+def test_context_limit_finishes_with_length(make_tiny_model: MakeModel) -> None:
+    model = make_tiny_model()
+    engine = Engine(model, max_context=40)
+    assert engine.context == 40
+    seq = generate(engine, random_prompt(35), SamplingParams(temperature=0, ignore_eos=True))[0]
+    assert seq.finish_reason == "length"
+    assert len(seq.output) == 5
+
+
+def test_stop_string_cuts_the_text(make_tiny_model: MakeModel) -> None:
+    model = make_tiny_model()
+    prompt = random_prompt(6)
+    full_run = Engine(model)
+    full_seq = full_run.add(prompt, greedy(40))[0]
+    pieces = [o.text for o in run(full_run)]
+    full = full_seq.text
+    # A stop string that spans the boundary between two tokens in the middle of the text.
+    k = next(i for i in range(len(pieces) // 2, len(pieces) - 1) if len(pieces[i]) >= 2 and pieces[i + 1])
+    stop = pieces[k][-2:] + pieces[k + 1][:2]
+    expected = full[: full.find(stop)]
+    assert 0 < len(expected) < len(full) - len(stop)
+
+    engine = Engine(model)
+    seq = engine.add(prompt, greedy(40, stop=[stop]))[0]
+    streamed = "".join(o.text for o in run(engine))
+    assert seq.finish_reason == "stop"
+    assert seq.text == expected
+    assert streamed == expected
+    assert seq.output == full_seq.output[: len(seq.output)]
+    assert len(seq.output) < len(full_seq.output)
+    assert engine.cache.free_slots == engine.max_batch
+
+
+def test_stop_string_absent_changes_nothing(make_tiny_model: MakeModel) -> None:
+    model = make_tiny_model()
+    prompt = random_prompt(6)
+    plain = generate(Engine(model), prompt, greedy(15))[0]
+    assert "\u2603" not in plain.text
+    # The second stop begins with the text's last characters: they are held back until the end, then
+    # released when the generation ends by length.
+    for stop in ["\u2603never\u2603", plain.text[-3:] + "\u2603"]:
+        engine = Engine(model)
+        stopped = engine.add(prompt, greedy(15, stop=[stop]))[0]
+        streamed = "".join(o.text for o in run(engine))
+        assert stopped.text == streamed == plain.text
+        assert stopped.output == plain.output
+        assert stopped.finish_reason == "length"
+
+
+def _token_to_stop_on(model: LoadedModel, prompt: list[int]) -> tuple[list[int], int, int]:
+    """A greedy run and a token of it (with text, first seen at index i) to end generation on."""
+    full = generate(Engine(model), prompt, greedy(12))[0].output
+    stops = model.tokenizer.end_of_turn_ids()
+    i = next(
+        i for i in range(3, len(full)) if full[i] not in full[:i] and model.tokenizer.token_bytes[full[i]]
+    )
+    assert full[i] not in stops
+    return full, i, full[i]
+
+
+def test_eos_token_ends_with_stop_and_is_not_in_the_text(make_tiny_model: MakeModel) -> None:
+    prompt = random_prompt(6)
+    full, i, token = _token_to_stop_on(make_tiny_model(), prompt)
+    # Same seed, same weights: only the config's EOS id differs.
+    model = make_tiny_model(eos_token_id=token)
+    seq = generate(Engine(model), prompt, SamplingParams(temperature=0, max_tokens=12))[0]
+    assert seq.finish_reason == "stop"
+    assert seq.output == full[: i + 1]
+    assert seq.text == detokenize(model, full[:i])
+    assert seq.text != detokenize(model, full[: i + 1])
+    # ignore_eos runs straight past it.
+    seq = generate(Engine(model), prompt, greedy(12))[0]
+    assert seq.output == full and seq.finish_reason == "length"
+
+
+def test_stop_token_ids_end_with_stop(make_tiny_model: MakeModel) -> None:
+    model = make_tiny_model()
+    prompt = random_prompt(6)
+    full, i, token = _token_to_stop_on(model, prompt)
+    seq = generate(
+        Engine(model), prompt, SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[token])
+    )[0]
+    assert seq.finish_reason == "stop"
+    assert seq.output == full[: i + 1]
+    assert seq.text == detokenize(model, full[:i])
+
+
+def test_end_of_turn_token_stops_without_text(make_tiny_model: MakeModel) -> None:
+    model = make_tiny_model()
+    eos = model.tokenizer.eos_id
+    assert eos is not None
+    engine = Engine(model)
+    seq = engine.add(random_prompt(5), SamplingParams(temperature=0, max_tokens=10, logit_bias={eos: 100}))[0]
+    outputs = run(engine)
+    assert seq.output == [eos]
+    assert seq.finish_reason == "stop"
+    assert seq.text == "" and [o.text for o in outputs] == [""]
+    assert outputs[-1].finished
+
+
+# --- slots ----------------------------------------------------------------------------------------
+
+
+def test_abort_frees_the_slot(make_tiny_model: MakeModel) -> None:
+    model = make_tiny_model()
+    engine = Engine(model, max_batch=4)
+    start = engine.cache.free_slots
+    assert start == 4
+    keep = engine.add(random_prompt(5, seed=1), greedy(8))
+    drop = engine.add(random_prompt(9, seed=2), greedy(30, n=2))
+    engine.step()
+    engine.step()
+    assert engine.cache.free_slots == start - 3
+    engine.abort(drop)
+    assert engine.cache.free_slots == start - 1
+    assert all(s.finish_reason == "abort" and s.slot is None for s in drop)
+    produced = [len(s.output) for s in drop]
+    run(engine)
+    assert [len(s.output) for s in drop] == produced  # aborted sequences are not decoded further
+    assert keep[0].finish_reason == "length" and len(keep[0].output) == 8
+    assert engine.cache.free_slots == start
+    assert not engine.has_work
+
+
+def test_abort_of_a_waiting_request(make_tiny_model: MakeModel) -> None:
+    engine = Engine(make_tiny_model(), max_batch=2)
+    sequences = engine.add(random_prompt(5), greedy(5))
+    engine.abort(sequences)
+    assert not engine.has_work
+    assert engine.step() == []
+    assert sequences[0].finish_reason == "abort" and sequences[0].output == []
+    assert engine.cache.free_slots == 2
+
+
+def test_aborting_one_waiting_choice_keeps_it_aborted(make_tiny_model: MakeModel) -> None:
+    engine = Engine(make_tiny_model(), max_batch=2)
+    first, second = engine.add(random_prompt(5), greedy(5, n=2))
+    engine.abort([second])
+    run(engine)
+    assert second.finish_reason == "abort" and second.output == []
+    assert first.finish_reason == "length" and len(first.output) == 5
+    assert engine.cache.free_slots == 2
+
+
+def test_finished_request_frees_its_slot(make_tiny_model: MakeModel) -> None:
+    engine = Engine(make_tiny_model(), max_batch=3)
+    seq = engine.add(random_prompt(5), greedy(3))[0]
+    engine.step()
+    assert engine.cache.free_slots == 2 and seq.slot is not None
+    run(engine)
+    assert engine.cache.free_slots == 3 and seq.slot is None
+    assert engine.running == []
+
+
+def test_closing_generate_early_frees_the_slot(make_tiny_model: MakeModel) -> None:
+    engine = Engine(make_tiny_model(), max_batch=2)
+    stream = engine.generate(random_prompt(5), greedy(50))
+    first = next(stream)
+    assert engine.cache.free_slots == 1
+    stream.close()
+    assert first.sequence.finish_reason == "abort"
+    assert engine.cache.free_slots == 2
+    assert not engine.has_work
+
+
+# --- prompt errors --------------------------------------------------------------------------------
+
+
+def test_prompt_longer_than_the_context_is_rejected(make_tiny_model: MakeModel) -> None:
+    model = make_tiny_model()
+    engine = Engine(model, max_context=64)
+    for prompt, params in [
+        (random_prompt(64), SamplingParams()),
+        (random_prompt(200), SamplingParams()),
+        (random_prompt(60), SamplingParams(max_tokens=5)),
+    ]:
+        with pytest.raises(PromptError) as info:
+            engine.add(prompt, params)
+        assert info.value.code == "context_length_exceeded"
+        assert "64" in info.value.message
+    assert not engine.has_work
+    # Exactly filling the context is fine.
+    assert engine.check_prompt(random_prompt(60), SamplingParams(max_tokens=4)) == 4
+    assert engine.check_prompt(random_prompt(63), SamplingParams()) == 1
+
+
+def test_empty_prompt_is_rejected(make_tiny_model: MakeModel) -> None:
+    engine = Engine(make_tiny_model())
+    with pytest.raises(PromptError) as info:
+        engine.add([], SamplingParams())
+    assert info.value.code != "context_length_exceeded"
+    assert not engine.has_work
+
+
+def test_bad_sampling_params_and_n_are_rejected(make_tiny_model: MakeModel) -> None:
+    engine = Engine(make_tiny_model(), max_batch=2)
+    with pytest.raises(ValueError, match="top_p"):
+        engine.add(random_prompt(4), SamplingParams(top_p=0))
+    with pytest.raises(ValueError, match="logit_bias"):
+        engine.add(random_prompt(4), SamplingParams(logit_bias={49152: 1.0}))
+    with pytest.raises(PromptError, match="n=3"):
+        engine.add(random_prompt(4), SamplingParams(n=3))
+    assert not engine.has_work
+
+
+# --- the KV cache against a from-scratch recompute ------------------------------------------------
+
+CONFIGS = {
+    "llama": {},
+    "qwen2": dict(model_type="qwen2", attention_bias=True, tie_word_embeddings=False),
+    "multi-head": dict(num_key_value_heads=4),
+    "multi-query": dict(num_key_value_heads=1),
+    "head-dim-32": dict(head_dim=32),
+}
+
+
+def check_against_recompute(
+    model: LoadedModel, engine: Engine, prompt: list[int], max_tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> Sequence:
+    """Greedy-generate; every logits row the engine computed must match the from-scratch recompute."""
+    calls = record_logits(model, monkeypatch)
+    seq = generate(engine, prompt, greedy(max_tokens))[0]
+    monkeypatch.undo()
+    assert len(seq.output) == max_tokens
+    engine_logits = torch.cat([c[-1:] for c in calls])  # one sequence: the last row of each call
+    assert engine_logits.shape[0] == max_tokens
+    reference = recompute_logits(model, prompt + seq.output[:-1])[len(prompt) - 1 :]
+    torch.testing.assert_close(engine_logits, reference, atol=1e-4, rtol=0)
+    assert reference.argmax(dim=-1).tolist() == seq.output
+    return seq
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_decode_matches_recompute(
+    make_tiny_model: MakeModel, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    model = make_tiny_model(seed=2, **CONFIGS[name])
+    check_against_recompute(model, Engine(model), random_prompt(11, seed=4), 16, monkeypatch)
+
+
+def test_qwen2_config_builds_biases_and_an_untied_head(make_tiny_model: MakeModel) -> None:
+    model = make_tiny_model(**CONFIGS["qwen2"])
+    assert model.module.layers[0].qkv_proj.bias is not None
+    assert model.module.lm_head.weight.data_ptr() != model.module.embed_tokens.weight.data_ptr()
+    assert float(model.module.layers[0].qkv_proj.bias.detach().abs().sum()) > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "prompt_length"),
+    [("llama", 500), ("llama", 600), ("qwen2", 500)],
+    ids=["decode-grows-cache", "chunked-prefill", "qwen2-decode-grows-cache"],
+)
+def test_generation_past_the_initial_cache_capacity(
+    make_tiny_model: MakeModel, monkeypatch: pytest.MonkeyPatch, name: str, prompt_length: int
+) -> None:
+    model = make_tiny_model(seed=3, max_position_embeddings=1024, **CONFIGS[name])
+    engine = Engine(model, max_batch=2, max_context=1024)
+    assert engine.cache.capacity == 512
+    check_against_recompute(model, engine, random_prompt(prompt_length, seed=5), 24, monkeypatch)
+    assert engine.cache.capacity > 512
+    # The same generation with the whole context preallocated gives the same tokens.
+    big = Engine(model, max_batch=2, max_context=1024)
+    big.cache.reserve(1024)
+    first = generate(engine, random_prompt(prompt_length, seed=5), greedy(24))[0]
+    again = generate(big, random_prompt(prompt_length, seed=5), greedy(24))[0]
+    assert first.output == again.output
+
+
+def test_batched_decode_at_different_positions_matches_recompute(
+    make_tiny_model: MakeModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = make_tiny_model(seed=4)
+    prompts = [random_prompt(n, seed=n) for n in (4, 10, 17)]
+    engine = Engine(model, max_batch=3)
+    calls = record_logits(model, monkeypatch)
+    sequences = [engine.add(p, greedy(8))[0] for p in prompts]
+    run(engine)
+    monkeypatch.undo()
+    # Step 1 prefills the three prompts (one call each); every later call decodes all three together.
+    assert [c.shape[0] for c in calls] == [1, 1, 1] + [3] * 7
+    for row, (prompt, seq) in enumerate(zip(prompts, sequences, strict=True)):
+        reference = recompute_logits(model, prompt + seq.output[:-1])[len(prompt) - 1 :]
+        got = torch.cat([calls[row], *[c[row : row + 1] for c in calls[3:]]])
+        torch.testing.assert_close(got, reference, atol=1e-4, rtol=0)
+
+
+# --- quantization ---------------------------------------------------------------------------------
+
+
+def grid_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
+    """A weight already on an asymmetric 4-bit grid: W = scale * q + min per group of 32, q in 0..15,
+    with both 0 and 15 present in every group (so min/max recover each group's scale and minimum)."""
+    generator = torch.Generator().manual_seed(seed)
+    groups = in_features // quant.GROUP_SIZE
+    q = torch.randint(0, 16, (out_features, groups, quant.GROUP_SIZE), generator=generator)
+    q[:, :, 0], q[:, :, 1] = 0, 15
+    q = q.gather(2, torch.rand(q.shape, generator=generator).argsort(dim=2))  # put 0 and 15 anywhere
+    scale = torch.rand(out_features, groups, 1, generator=generator) * 0.05 + 0.01
+    low = torch.randn(out_features, groups, 1, generator=generator) * 0.3
+    return (scale * q + low).reshape(out_features, in_features)
+
+
+def test_int4_linear_reproduces_a_weight_on_its_grid() -> None:
+    weight = grid_weight(48, 128)
+    linear = nn.Linear(128, 48, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    layer = quant.Int4Linear(linear)
+    x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(1))
+    y = layer(x)
+    reference = F.linear(x, weight)
+    assert y.shape == (3, 5, 48) and y.dtype == torch.float32
+    # Only bf16 rounding (activations, scales, output): about 3 significant digits.
+    error = (y - reference).norm() / reference.norm()
+    assert error < 1e-2
+    torch.testing.assert_close(y, reference, rtol=2e-2, atol=2e-2 * float(reference.abs().mean()))
+
+
+def test_int4_linear_keeps_the_bias() -> None:
+    weight = grid_weight(16, 64, seed=2)
+    linear = nn.Linear(64, 16, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.normal_(0, 1)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(3))
+    y = quant.Int4Linear(linear)(x)
+    reference = F.linear(x, weight, linear.bias.detach())
+    assert (y - reference).norm() / reference.norm() < 1e-2
+
+
+def fake_quantize(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` rounded to its 4-bit asymmetric grid (groups of 32, scale and minimum from min/max)."""
+    groups = weight.reshape(weight.shape[0], -1, quant.GROUP_SIZE)
+    low = groups.amin(dim=-1, keepdim=True)
+    scale = (groups.amax(dim=-1, keepdim=True) - low) / 15
+    return (((groups - low) / scale).round() * scale + low).reshape(weight.shape)
+
+
+def test_int4_linear_rounds_any_weight_to_its_grid() -> None:
+    """Off the grid, Int4Linear is exactly a 4-bit rounding of the weight (plus bf16 noise), no worse."""
+    weight = torch.randn(48, 128, generator=torch.Generator().manual_seed(4))
+    linear = nn.Linear(128, 48, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(5))
+    y = quant.Int4Linear(linear)(x)
+    exact, rounded = F.linear(x, weight), F.linear(x, fake_quantize(weight))
+    assert (y - rounded).norm() / rounded.norm() < 1e-2
+    # ... and that rounding is coarse: the grid tests above are not passing by accident.
+    assert 2e-2 < (y - exact).norm() / exact.norm() < 0.2
+
+
+def snap_to_int4_grid(model: LoadedModel) -> None:
+    """Put the decoder's linear weights on their 4-bit grid, as a Q4_1 GGUF source's weights are."""
+    with torch.no_grad():
+        for layer in model.module.layers:
+            for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                weight = getattr(layer, name).weight
+                weight.copy_(fake_quantize(weight))
+
+
+def logits_similarity(reference: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Cosine similarity per position, and the fraction of positions with the same argmax."""
+    agreement = float((logits.argmax(-1) == reference.argmax(-1)).float().mean())
+    return F.cosine_similarity(logits, reference, dim=-1), agreement
+
+
+def test_int4_model_on_its_grid_keeps_its_logits(make_tiny_model: MakeModel) -> None:
+    tokens = random_prompt(40, seed=6)
+    reference_model = make_tiny_model(seed=5)
+    snap_to_int4_grid(reference_model)
+    reference = recompute_logits(reference_model, tokens)
+    model = make_tiny_model(seed=5)
+    snap_to_int4_grid(model)
+    assert quant.apply(model.module, "int4") == "int4"
+    first = model.module.layers[0]
+    assert isinstance(first.qkv_proj, quant.Int4Linear) and isinstance(first.down_proj, quant.Int4Linear)
+    assert isinstance(model.module.lm_head, quant.Int8Linear)
+    similarity, agreement = logits_similarity(reference, recompute_logits(model, tokens))
+    assert float(similarity.min()) > 0.99
+    assert agreement > 0.8
+
+
+def test_int4_model_off_its_grid_stays_close(make_tiny_model: MakeModel) -> None:
+    """Random Gaussian weights lose ~9% per layer to 4-bit rounding: close, but not token-exact."""
+    tokens = random_prompt(40, seed=6)
+    reference = recompute_logits(make_tiny_model(seed=5), tokens)
+    model = make_tiny_model(seed=5)
+    quant.apply(model.module, "int4")
+    similarity, _ = logits_similarity(reference, recompute_logits(model, tokens))
+    assert float(similarity.mean()) > 0.85
+
+
+def test_int8_model_keeps_its_logits(make_tiny_model: MakeModel) -> None:
+    tokens = random_prompt(40, seed=6)
+    reference = recompute_logits(make_tiny_model(seed=5), tokens)
+    model = make_tiny_model(seed=5)
+    assert quant.apply(model.module, "int8") == "int8"
+    assert type(model.module.layers[0].qkv_proj) is not nn.Linear
+    similarity, agreement = logits_similarity(reference, recompute_logits(model, tokens))
+    # Dynamic int8 also quantizes activations, so some positions drift more than others.
+    assert float(similarity.mean()) > 0.99
+    assert float(similarity.min()) > 0.9
+    assert agreement > 0.6
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_engine_runs_quantized(make_tiny_model: MakeModel, mode: str) -> None:
+    prompt = random_prompt(8, seed=7)
+    plain = generate(Engine(make_tiny_model(seed=6)), prompt, greedy(10))[0]
+    engine = Engine(make_tiny_model(seed=6), quantization=mode)
+    assert engine.quantization == mode
+    seq = generate(engine, prompt, greedy(10))[0]
+    assert seq.finish_reason == "length" and len(seq.output) == 10
+    assert seq.output[0] == plain.output[0]
+
+
+def test_unknown_quantization_is_rejected(make_tiny_model: MakeModel) -> None:
+    with pytest.raises(TertuliaError, match="int4"):
+        quant.apply(make_tiny_model().module, "int3")
+
+
+# --- the real model -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_model_knows_the_capital_of_france(real_model: LoadedModel) -> None:
+    engine = Engine(real_model, max_batch=1, max_context=1024, quantization="none")
+    prompt = real_model.template.encode([{"role": "user", "content": "What is the capital of France?"}])
+    seq = generate(engine, prompt, SamplingParams(temperature=0, max_tokens=64))[0]
+    assert "Paris" in seq.text
+    assert seq.finish_reason == "stop"
+    assert seq.output[-1] in engine.stop_ids
+    assert "<|im_end|>" not in seq.text
