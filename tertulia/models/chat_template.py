@@ -34,11 +34,29 @@ def _tojson(value: Any, indent: int | None = None, **_: Any) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent)
 
 
+# A message's content while `encode` renders: its text between an open and a close marker.
+_MARKED = re.compile(r"(\ue000([0-9a-f]{16})\ue001)(.*)(\ue002\2\ue003)", re.DOTALL)
+
+
+def _trim(value: Any, chars: str | None = None) -> str:
+    """Jinja's `trim`, applied inside the content markers too.
+
+    Templates such as Llama 3's write `message['content'] | trim`; without this the markers around the
+    content would shield its whitespace and the prompt would differ from the one the model was trained on.
+    """
+    text = str(value).strip(chars)
+    marked = _MARKED.fullmatch(text)
+    if marked:
+        return marked.group(1) + marked.group(3).strip(chars) + marked.group(4)
+    return text
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
     )
     env.filters["tojson"] = _tojson
+    env.filters["trim"] = _trim
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
@@ -53,7 +71,9 @@ class ChatTemplate:
         except TemplateError as exc:
             raise ModelLoadError(f"The model's chat template does not compile: {exc}") from None
 
-    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True, **extra: Any) -> str:
+    def render(
+        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True, **extra: Any
+    ) -> str:
         """The prompt as text (for display and token counting of the template's overhead)."""
         try:
             return self._template.render(
@@ -65,6 +85,14 @@ class ChatTemplate:
             )
         except TemplateError as exc:
             raise PromptError(f"The chat template rejected these messages: {exc}") from None
+        except Exception as exc:
+            # The template is a program from the model file run over client data: a TypeError
+            # (content that is a list or None), OverflowError (the sandbox's range limit) and the like
+            # are bad input for this template, not a server bug.
+            raise PromptError(
+                f"The chat template failed on these messages ({type(exc).__name__}: {exc}).",
+                "Message content must be text; otherwise the model's chat template is at fault.",
+            ) from None
 
     def encode(
         self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True, **extra: Any
@@ -73,16 +101,25 @@ class ChatTemplate:
         nonce = secrets.token_hex(8)
         open_mark, close_mark = f"\ue000{nonce}\ue001", f"\ue002{nonce}\ue003"
         wrapped = [
-            dict(m, content=f"{open_mark}{m['content']}{close_mark}") if isinstance(m.get("content"), str) else m
+            dict(m, content=f"{open_mark}{m['content']}{close_mark}")
+            if isinstance(m.get("content"), str)
+            else m
             for m in messages
         ]
         text = self.render(wrapped, add_generation_prompt=add_generation_prompt, **extra)
         ids: list[int] = []
         pattern = re.compile(re.escape(open_mark) + "(.*?)" + re.escape(close_mark), re.DOTALL)
+
+        def template_text(part: str) -> list[int]:
+            # A template that slices content (e.g. `content.split('</think>')[-1]`) leaves a lone
+            # marker behind: drop it so the model never sees marker characters.
+            part = part.replace(open_mark, "").replace(close_mark, "")
+            return self.tokenizer.encode(part, allow_special=True)
+
         cursor = 0
         for match in pattern.finditer(text):
-            ids += self.tokenizer.encode(text[cursor : match.start()], allow_special=True)
+            ids += template_text(text[cursor : match.start()])
             ids += self.tokenizer.encode(match.group(1))
             cursor = match.end()
-        ids += self.tokenizer.encode(text[cursor:], allow_special=True)
+        ids += template_text(text[cursor:])
         return ids

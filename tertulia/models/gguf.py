@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from tertulia.errors import ModelLoadError
 from tertulia.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
-from tertulia.models.llama import deinterleave_rotary
+from tertulia.models.llama import deinterleave_rotary, llama3_scaled
 from tertulia.models.tokenizer import Tokenizer
 
 _LAYER_TENSORS = {
@@ -37,8 +37,8 @@ _GLOBAL_TENSORS = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-# Tensors that carry nothing the HF layout needs (llama3 rope factors are recomputed from config).
-_IGNORED_TENSORS = {"rope_freqs.weight"}
+# llama.cpp stores Llama 3.1+ RoPE scaling as this tensor of per-frequency divisors, not as metadata.
+_ROPE_FACTORS = "rope_freqs.weight"
 
 
 def _open(path: Path) -> Any:
@@ -116,6 +116,52 @@ def _rope_scaling(kind: str | None, factor: float | None) -> dict[str, Any] | No
     return {"rope_type": "linear", "factor": float(factor)}
 
 
+def llama3_scaling_from_factors(factors: np.ndarray, config: ModelConfig) -> dict[str, Any] | None:
+    """HF's llama3 `rope_scaling` equivalent to llama.cpp's `rope_freqs.weight` divisors.
+
+    llama.cpp divides frequency j by factors[j]: 1 for short wavelengths, `factor` for long ones, and
+    1 / ((1 - s) / factor + s) in between, where s = (original / wavelength - low) / (high - low) is
+    linear in 1 / wavelength. Only the band edges original/low and original/high matter, so with low = 1
+    a line fitted through the in-between frequencies gives `high` and `original`. Factors this cannot
+    reproduce are refused rather than silently ignored (that would run the model with the wrong RoPE).
+    """
+    head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+    factors = np.asarray(factors, dtype=np.float64).reshape(-1)
+    if factors.shape[0] != head_dim // 2:
+        raise ModelLoadError(f"{_ROPE_FACTORS} has {factors.shape[0]} values, expected {head_dim // 2}.")
+    if np.allclose(factors, 1.0):
+        return None
+    factor = float(factors.max())
+    inv_freq = 1.0 / config.rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelength = 2 * np.pi / inv_freq
+    band = (factors > 1 + 1e-4) & (factors < factor * (1 - 1e-4))
+    scaling: dict[str, Any] | None = None
+    if band.sum() >= 2:
+        smooth = (1 / factors[band] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(1 / wavelength[band], smooth, 1)
+        if intercept < 0:
+            high = 1 - 1 / intercept
+            scaling = {
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": round(float(high), 4),
+                "original_max_position_embeddings": round(float(-slope / intercept)),
+            }
+    if scaling is None or not np.allclose(_llama3_divisors(inv_freq, scaling), factors, rtol=1e-3, atol=1e-4):
+        raise ModelLoadError(
+            f"The RoPE frequency factors in {_ROPE_FACTORS} are not Llama 3 scaling.",
+            "Tertulia cannot run this model with the right positions; convert it from an HF directory.",
+        )
+    return scaling
+
+
+def _llama3_divisors(inv_freq: np.ndarray, scaling: dict[str, Any]) -> np.ndarray:
+    """What llama.py's llama3 scaling divides each frequency by (for checking the fit above)."""
+    scaled = llama3_scaled(torch.from_numpy(inv_freq), scaling).numpy()
+    return inv_freq / scaled
+
+
 def _dequantize(tensor: Any) -> np.ndarray:
     from gguf import quants
 
@@ -145,7 +191,8 @@ def convert(path: Path, out_dir: Path) -> dict[str, int]:
     layer_types: dict[str, int] = {}
     for tensor in reader.tensors:
         name = tensor.name
-        if name in _IGNORED_TENSORS:
+        if name == _ROPE_FACTORS:
+            config.rope_scaling = llama3_scaling_from_factors(_dequantize(tensor), config)
             continue
         if name in _GLOBAL_TENSORS:
             key = _GLOBAL_TENSORS[name]
@@ -156,7 +203,9 @@ def convert(path: Path, out_dir: Path) -> dict[str, int]:
                 kind = tensor.tensor_type.name
                 layer_types[kind] = layer_types.get(kind, 0) + 1
         else:
-            raise ModelLoadError(f"Unexpected tensor '{name}' in {path.name}.", "Is this a Llama-family model?")
+            raise ModelLoadError(
+                f"Unexpected tensor '{name}' in {path.name}.", "Is this a Llama-family model?"
+            )
         weight = torch.from_numpy(_dequantize(tensor).copy())
         # llama.cpp's converter reorders q/k rows for its rotary layout; undo it to get HF's layout.
         if config.model_type == "llama" and ".q_proj." in key:
@@ -164,6 +213,8 @@ def convert(path: Path, out_dir: Path) -> dict[str, int]:
         elif config.model_type == "llama" and ".k_proj." in key:
             weight = deinterleave_rotary(weight, config.num_key_value_heads)
         state[key] = weight.contiguous()
+    if "model.embed_tokens.weight" not in state:
+        raise ModelLoadError(f"{path.name} has no token_embd.weight tensor.", "The file may be corrupt.")
     if config.vocab_size != state["model.embed_tokens.weight"].shape[0]:
         config.vocab_size = state["model.embed_tokens.weight"].shape[0]
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,9 @@ from tertulia.models.tokenizer import read_tokenizer_config
 def read_config(directory: Path) -> ModelConfig:
     path = directory / "config.json"
     if not path.exists():
-        raise ModelLoadError(f"{directory} has no config.json.", "Point --model at an HF-format model directory.")
+        raise ModelLoadError(
+            f"{directory} has no config.json.", "Point --model at an HF-format model directory."
+        )
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

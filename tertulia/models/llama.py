@@ -40,13 +40,13 @@ def rope_frequencies(config: ModelConfig, length: int) -> torch.Tensor:
     if scaling.get("rope_type") == "linear":
         inv_freq = inv_freq / float(scaling["factor"])
     elif scaling.get("rope_type") == "llama3":
-        inv_freq = _llama3_scaled(inv_freq, scaling)
+        inv_freq = llama3_scaled(inv_freq, scaling)
     positions = torch.arange(length, dtype=torch.float64)
     angles = torch.outer(positions, inv_freq)
     return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
-def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+def llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     factor = float(scaling["factor"])
     low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
     original = float(scaling.get("original_max_position_embeddings", 8192))
@@ -121,16 +121,43 @@ class LlamaModel(nn.Module):
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load HF-named, HF-layout weights (as in model.safetensors of a Llama/Qwen2 checkpoint)."""
+        tracked = _AccessTracker(state)
         try:
-            fused = fuse_hf_state_dict(state, self.config)
+            fused = fuse_hf_state_dict(tracked, self.config)
         except KeyError as missing:
             raise ModelLoadError(f"The checkpoint lacks the weight {missing}.") from None
+        # Weights nobody reads mean config.json describes a different model (e.g. fewer layers than
+        # the checkpoint has): running it would give wrong output without any error.
+        unused = sorted(
+            k
+            for k in set(state) - tracked.used
+            if not k.endswith("rotary_emb.inv_freq")
+            and not (k == "lm_head.weight" and self.config.tie_word_embeddings)
+        )
+        if unused:
+            raise ModelLoadError(
+                f"The checkpoint has weights its config.json does not describe ({', '.join(unused[:3])}"
+                f"{', ...' if len(unused) > 3 else ''}).",
+                "Check num_hidden_layers and the architecture in config.json.",
+            )
         self.load_state_dict(fused, strict=True, assign=True)
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # The module may have been built on the meta device; the rotation table is derived, not loaded.
         device = self.embed_tokens.weight.device
         self.rotations = rope_frequencies(self.config, self.config.max_position_embeddings).to(device)
+
+
+class _AccessTracker(dict):
+    """A state dict that remembers which keys were read."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        super().__init__(state)
+        self.used: set[str] = set()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        self.used.add(key)
+        return super().__getitem__(key)
 
 
 def interleave_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:

@@ -23,10 +23,11 @@ from tertulia.models import gguf, hf
 from tertulia.models.chat_template import ChatTemplate
 from tertulia.models.config import ModelConfig
 from tertulia.models.llama import LlamaModel
+from tertulia.models.pull import PULLABLE, pulled_path
 from tertulia.models.tokenizer import Tokenizer
 
 # Bump when the conversion output changes, so stale caches are rebuilt.
-_CONVERTER_VERSION = "1"
+_CONVERTER_VERSION = "2"  # 2: Llama 3 RoPE scaling read from rope_freqs.weight
 
 
 @dataclass(frozen=True)
@@ -93,13 +94,20 @@ def resolve(spec: str) -> tuple[str, Path]:
         builtin = BUILTIN[spec]
         path = _package_file(builtin)
         if path is None:
-            raise ModelLoadError(f"The model '{spec}' is not installed.", f"Install it with: {builtin.install}")
+            raise ModelLoadError(
+                f"The model '{spec}' is not installed.", f"Install it with: {builtin.install}"
+            )
         return spec, path
+    if spec in PULLABLE:
+        pulled = pulled_path(spec)
+        if pulled is None:
+            raise ModelLoadError(f"The model '{spec}' is not downloaded yet.", f"Run: tertulia pull {spec}")
+        return spec, pulled
     path = Path(spec).expanduser()
     if not path.exists() and (settings.models_dir() / spec).exists():
         path = settings.models_dir() / spec
     if not path.exists():
-        known = ", ".join(sorted(BUILTIN))
+        known = ", ".join(sorted([*BUILTIN, *PULLABLE]))
         raise ModelLoadError(
             f"No model '{spec}': not a known name ({known}), a directory or a .gguf file.",
             "Run 'tertulia models' to see what can be loaded.",
@@ -123,12 +131,28 @@ def converted_dir(gguf_path: Path) -> Path:
         source = {"gguf": str(gguf_path.resolve()), "layer_quantization": layer_types}
         (staging / "source.json").write_text(json.dumps(source))
         staging.rename(target)
+        _prune_stale_conversions(gguf_path, keep=target)
     except OSError:
         if not (target / "model.safetensors").exists():
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _prune_stale_conversions(gguf_path: Path, keep: Path) -> None:
+    """Remove conversions of earlier versions of the same file (or by older converters): each is a
+    full float32 copy of the model."""
+    source = str(gguf_path.resolve())
+    for candidate in settings.cache_dir().glob(f"{gguf_path.stem}-*"):
+        if candidate == keep or not candidate.is_dir():
+            continue
+        try:
+            recorded = json.loads((candidate / "source.json").read_text()).get("gguf")
+        except (OSError, json.JSONDecodeError):
+            continue
+        if recorded == source:
+            shutil.rmtree(candidate, ignore_errors=True)
 
 
 def load(spec: str | None = None) -> LoadedModel:
@@ -139,10 +163,27 @@ def load(spec: str | None = None) -> LoadedModel:
     tokenizer = Tokenizer.from_dir(directory)
     with torch.device("meta"):
         module = LlamaModel(config)
-    module.load_hf_state_dict(hf.read_weights(directory))
+    _load_weights(module, directory)
     module.eval()
     template = ChatTemplate(hf.read_chat_template(directory), tokenizer)
     return LoadedModel(name, path, config, module, tokenizer, template, _source_quantization(directory))
+
+
+def _load_weights(module: LlamaModel, directory: Path) -> None:
+    """Load the checkpoint; weights whose shapes contradict config.json are a load error, not a crash.
+
+    torch reports those (from `load_state_dict`, or from fusing q/k/v) as a RuntimeError.
+    """
+    try:
+        module.load_hf_state_dict(hf.read_weights(directory))
+    except RuntimeError as exc:
+        # load_state_dict's message is a header line and one line per mismatch: keep the first mismatch.
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or ["RuntimeError"]
+        detail = (lines[1] if len(lines) > 1 else lines[0]).rstrip(".")
+        raise ModelLoadError(
+            f"The weights in {directory} do not match its config.json ({detail}).",
+            "Check hidden_size, the head counts and the layer count against the checkpoint.",
+        ) from None
 
 
 def _source_quantization(directory: Path) -> dict[str, int]:
@@ -181,7 +222,15 @@ def available() -> list[ModelEntry]:
                 path is not None,
             )
         )
+    pulled_files = set()
+    for model in PULLABLE.values():
+        pulled = pulled_path(model.name)
+        pulled_files.add(model.filename)
+        location = str(pulled) if pulled else f"tertulia pull {model.name}"
+        entries.append(ModelEntry(model.name, "pull", location, model.description, pulled is not None))
     for path in sorted(settings.models_dir().iterdir()):
+        if path.name in pulled_files or path.name.startswith("."):
+            continue
         if (path / "config.json").exists() or path.suffix == ".gguf":
             entries.append(ModelEntry(path.name, "local", str(path), _describe(path), True))
     return entries

@@ -66,9 +66,7 @@ class Tokenizer:
         self.eos_token = eos_token
         self.add_bos = add_bos
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-        self.special_ids = {
-            tid for tid, tok in backend.get_added_tokens_decoder().items() if tok.special
-        }
+        self.special_ids = {tid for tid, tok in backend.get_added_tokens_decoder().items() if tok.special}
         self.bos_id = backend.token_to_id(bos_token) if bos_token else None
         self.eos_id = backend.token_to_id(eos_token) if eos_token else None
         self.token_bytes = self._token_bytes()
@@ -82,11 +80,21 @@ class Tokenizer:
                 f"GGUF tokenizer '{kind}' is not supported (only byte-level BPE, 'gpt2').",
                 "Convert the model to an HF directory (tokenizer.json) and load that instead.",
             )
-        tokens: list[str] = fields["tokenizer.ggml.tokens"]
+        tokens: list[str] = fields.get("tokenizer.ggml.tokens") or []
         types: list[int] = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if not tokens or len(types) != len(tokens):
+            raise ModelLoadError(
+                f"The GGUF tokenizer is incomplete ({len(tokens)} tokens, {len(types)} token types).",
+                "The file may be corrupt.",
+            )
         merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]
         vocab = {tok: i for i, tok in enumerate(tokens)}
-        backend = HFTokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+        try:
+            backend = HFTokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+        except Exception as exc:  # tokenizers raises a bare Exception, e.g. for a merge of unknown tokens
+            raise ModelLoadError(
+                f"The GGUF tokenizer is invalid: {exc}", "The file may be corrupt."
+            ) from None
         backend.pre_tokenizer = _gguf_pre_tokenizer(fields.get("tokenizer.ggml.pre", "default"))
         backend.decoder = decoders.ByteLevel()
         added = [
@@ -183,7 +191,12 @@ class Tokenizer:
                     table[tid] = bytes(byte_map[ch] for ch in token)
                 except KeyError:
                     table[tid] = token.encode()
-            elif "ByteFallback" in kinds and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            elif (
+                "ByteFallback" in kinds
+                and len(token) == 6
+                and token.startswith("<0x")
+                and token.endswith(">")
+            ):
                 table[tid] = bytes([int(token[3:5], 16)])
             elif "Metaspace" in kinds or "Replace" in kinds:
                 table[tid] = token.replace("\u2581", " ").encode()
