@@ -112,6 +112,11 @@ class DecodeAttention:
             self.slot_index = torch.tensor(slots)
         self.slot_tensor = torch.tensor(slots)
         self.position_tensor = torch.tensor(positions)
+        # Same position in contiguous slots (one sequence, or n choices of one prompt): a plain slice
+        # write, cheaper than scattering by index.
+        self.same_position = (
+            positions[0] if isinstance(self.slot_index, slice) and min(positions) == max(positions) else None
+        )
         self.mask = None
         if min(positions) != max(positions):
             mask = torch.arange(self.length).unsqueeze(0) <= self.position_tensor.unsqueeze(1)
@@ -119,8 +124,12 @@ class DecodeAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = self.cache.keys[layer], self.cache.values[layer]
-        keys[self.slot_tensor, :, self.position_tensor] = k
-        values[self.slot_tensor, :, self.position_tensor] = v
+        if self.same_position is not None:
+            keys[self.slot_index, :, self.same_position] = k
+            values[self.slot_index, :, self.same_position] = v
+        else:
+            keys[self.slot_tensor, :, self.position_tensor] = k
+            values[self.slot_tensor, :, self.position_tensor] = v
         batch, heads, dim = q.shape
         # Grouped-query attention without copying k/v: the query heads that share a kv head become
         # the "query length" axis of that kv head.

@@ -93,6 +93,7 @@ def apply(module: nn.Module, mode: str) -> str:
                 if linear.in_features % GROUP_SIZE:
                     continue
                 setattr(layer, name, Int4Linear(linear))
+            layer.matmul_dtype = torch.bfloat16
         module.lm_head = Int8Linear(module.lm_head)
         return mode
     with warnings.catch_warnings():

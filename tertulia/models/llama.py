@@ -74,18 +74,22 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = nn.Linear(hidden, 2 * ffn, bias=False)
         self.down_proj = nn.Linear(ffn, hidden, bias=False)
         self._rotary_width = (self.num_heads + self.num_kv_heads) * self.head_dim
+        # What the projections compute in: float32, or bf16 once quantized to int4 (set by engine.quant).
+        self.matmul_dtype = torch.float32
 
     def forward(self, x: torch.Tensor, rotations: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
         n = x.shape[0]
-        h = F.rms_norm(x, (x.shape[-1],), self.input_norm, self.eps)
-        qkv = self.qkv_proj(h)
+        # Matmul inputs are cast once here (not inside every quantized linear); the residual stream,
+        # rotary embeddings and the KV cache stay float32.
+        h = F.rms_norm(x, (x.shape[-1],), self.input_norm, self.eps).to(self.matmul_dtype)
+        qkv = self.qkv_proj(h).float()
         heads = self.num_heads + self.num_kv_heads
         qk = torch.view_as_complex(qkv[:, : self._rotary_width].reshape(n, heads, self.head_dim // 2, 2))
         qk = torch.view_as_real(qk * rotations).reshape(n, heads, self.head_dim)
         v = qkv[:, self._rotary_width :].reshape(n, self.num_kv_heads, self.head_dim)
         out = attention(self.index, qk[:, : self.num_heads], qk[:, self.num_heads :], v)
         x = x + self.o_proj(out)
-        h = F.rms_norm(x, (x.shape[-1],), self.post_attention_norm, self.eps)
+        h = F.rms_norm(x, (x.shape[-1],), self.post_attention_norm, self.eps).to(self.matmul_dtype)
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
 
