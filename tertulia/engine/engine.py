@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tertulia import config as settings
 from tertulia.engine import quant
 from tertulia.engine.kv_cache import DecodeAttention, KVCache, PrefillAttention
 from tertulia.engine.sampling import SamplingParams, sample, top_logprobs
@@ -45,7 +46,10 @@ class Engine:
     ) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
-        self.quantization = quant.apply(model.module, quantization)
+        cache_file = None
+        if model.weights_key and quantization == "int4":
+            cache_file = settings.cache_dir() / "quantized" / f"{model.weights_key}-int4.safetensors"
+        self.quantization = quant.apply(model.module, quantization, cache_file)
         self.context = min(model.context_length, max_context or model.context_length)
         self.vocab_size = model.config.vocab_size
         self.stop_ids = self.tokenizer.end_of_turn_ids() | set(model.config.eos_ids)

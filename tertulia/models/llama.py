@@ -108,6 +108,20 @@ class LlamaModel(nn.Module):
             "rotations", rope_frequencies(config, config.max_position_embeddings), persistent=False
         )
 
+    @classmethod
+    def empty(cls, config: ModelConfig) -> LlamaModel:
+        """A module with uninitialised weights, to be filled by `load_hf_state_dict`.
+
+        Skips the random initialisation (which writes every weight) without the meta device, whose
+        first use imports much of torch's compiler stack (most of a second at start-up).
+        """
+        saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+        nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None  # type: ignore[method-assign]
+        try:
+            return cls(config)
+        finally:
+            nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved  # type: ignore[method-assign]
+
     @torch.inference_mode()
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend
@@ -147,9 +161,10 @@ class LlamaModel(nn.Module):
         self.load_state_dict(fused, strict=True, assign=True)
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # The module may have been built on the meta device; the rotation table is derived, not loaded.
+        # Built on the meta device, the module has no rotation table yet: it is derived, not loaded.
         device = self.embed_tokens.weight.device
-        self.rotations = rope_frequencies(self.config, self.config.max_position_embeddings).to(device)
+        if self.rotations.device != device:
+            self.rotations = rope_frequencies(self.config, self.config.max_position_embeddings).to(device)
 
 
 class _AccessTracker(dict):

@@ -15,8 +15,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from tertulia import config as settings
 from tertulia.errors import ModelLoadError
 from tertulia.models import gguf, hf
@@ -61,6 +59,9 @@ class LoadedModel:
     tokenizer: Tokenizer
     template: ChatTemplate
     source_quantization: dict[str, int]
+    # Identifies these exact weights (directory + file stamps): derived artefacts such as
+    # pre-quantized weights are cached under it. None for models built in memory.
+    weights_key: str | None = None
 
     @property
     def context_length(self) -> int:
@@ -161,12 +162,28 @@ def load(spec: str | None = None) -> LoadedModel:
     directory = converted_dir(path) if path.is_file() else path
     config = hf.read_config(directory)
     tokenizer = Tokenizer.from_dir(directory)
-    with torch.device("meta"):
-        module = LlamaModel(config)
+    module = LlamaModel.empty(config)
     _load_weights(module, directory)
     module.eval()
     template = ChatTemplate(hf.read_chat_template(directory), tokenizer)
-    return LoadedModel(name, path, config, module, tokenizer, template, _source_quantization(directory))
+    return LoadedModel(
+        name,
+        path,
+        config,
+        module,
+        tokenizer,
+        template,
+        _source_quantization(directory),
+        _weights_key(directory),
+    )
+
+
+def _weights_key(directory: Path) -> str:
+    stamps = sorted(
+        f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in directory.glob("*.safetensors")
+    )
+    digest = hashlib.sha256("|".join([str(directory.resolve()), *stamps]).encode()).hexdigest()[:16]
+    return f"{directory.name}-{digest}"
 
 
 def _load_weights(module: LlamaModel, directory: Path) -> None:

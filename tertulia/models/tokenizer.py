@@ -8,6 +8,7 @@ text, so user or model text can never forge a turn boundary.
 from __future__ import annotations
 
 import json
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,9 @@ class Tokenizer:
         add_bos: bool = False,
     ) -> None:
         self._special = backend
-        self._plain = HFTokenizer.from_str(backend.to_str())
-        self._plain.encode_special_tokens = True
+        # One backend serves both modes, switched by `encode_special_tokens` under a lock (a second
+        # copy of the tokenizer would cost a noticeable share of start-up time).
+        self._mode_lock = threading.Lock()
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.add_bos = add_bos
@@ -149,8 +151,9 @@ class Tokenizer:
     # --- use ----------------------------------------------------------------------------------
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         """Token ids of `text`; control strings count as special tokens only if `allow_special`."""
-        backend = self._special if allow_special else self._plain
-        return backend.encode(text, add_special_tokens=False).ids
+        with self._mode_lock:
+            self._special.encode_special_tokens = not allow_special
+            return self._special.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], *, skip_special: bool = True) -> str:
         return self._special.decode(ids, skip_special_tokens=skip_special)
@@ -174,15 +177,12 @@ class Tokenizer:
         """The exact bytes each token stands for (None for special tokens, which are not text)."""
         vocab_size = self.vocab_size
         table: list[bytes | None] = [None] * vocab_size
-        decoder = json.loads(self._special.to_str()).get("decoder") or {}
-        kinds = _decoder_kinds(decoder)
+        decoder = self._special.decoder
+        kinds = _decoder_kinds(json.loads(decoder.__getstate__())) if decoder is not None else set()
         byte_map = _byte_decoder()
         added = self._special.get_added_tokens_decoder()
-        for tid in range(vocab_size):
-            if tid in self.special_ids:
-                continue
-            token = self._special.id_to_token(tid)
-            if token is None:
+        for token, tid in self._special.get_vocab(with_added_tokens=True).items():
+            if tid in self.special_ids or not 0 <= tid < vocab_size:
                 continue
             if tid in added:
                 table[tid] = token.encode()

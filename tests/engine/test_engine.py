@@ -479,7 +479,7 @@ def test_int4_linear_reproduces_a_weight_on_its_grid() -> None:
     linear = nn.Linear(128, 48, bias=False)
     with torch.no_grad():
         linear.weight.copy_(weight)
-    layer = quant.Int4Linear(linear)
+    layer = quant.Int4Linear.quantize(linear)
     x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(1))
     y = layer(x)
     reference = F.linear(x, weight)
@@ -497,7 +497,7 @@ def test_int4_linear_keeps_the_bias() -> None:
         linear.weight.copy_(weight)
         linear.bias.normal_(0, 1)
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(3))
-    y = quant.Int4Linear(linear)(x)
+    y = quant.Int4Linear.quantize(linear)(x)
     reference = F.linear(x, weight, linear.bias.detach())
     assert (y - reference).norm() / reference.norm() < 1e-2
 
@@ -517,7 +517,7 @@ def test_int4_linear_rounds_any_weight_to_its_grid() -> None:
     with torch.no_grad():
         linear.weight.copy_(weight)
     x = torch.randn(5, 128, generator=torch.Generator().manual_seed(5))
-    y = quant.Int4Linear(linear)(x)
+    y = quant.Int4Linear.quantize(linear)(x)
     exact, rounded = F.linear(x, weight), F.linear(x, fake_quantize(weight))
     assert (y - rounded).norm() / rounded.norm() < 1e-2
     # ... and that rounding is coarse: the grid tests above are not passing by accident.
