@@ -53,6 +53,10 @@ def chat(
     system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.3,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.9,
+    repetition_penalty: Annotated[
+        float,
+        typer.Option(help="Discourage repeating earlier tokens (1 = off; small models loop without it)."),
+    ] = 1.1,
     max_tokens: Annotated[int | None, typer.Option(help="Longest reply in tokens.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
     quantize: QuantizeOption = "auto",
@@ -68,6 +72,7 @@ def chat(
         system=system,
         temperature=temperature,
         top_p=top_p,
+        repetition_penalty=repetition_penalty,
         max_tokens=max_tokens,
         seed=seed,
         quantize=quantize,

@@ -22,12 +22,19 @@ def run_chat(
     system: str | None,
     temperature: float,
     top_p: float,
+    repetition_penalty: float,
     max_tokens: int | None,
     seed: int | None,
     quantize: str,
 ) -> None:
     err = Console(stderr=True, highlight=False)
-    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    params = SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        max_tokens=max_tokens,
+        seed=seed,
+    )
     try:
         params.validate(vocab_size=1 << 30)
     except ValueError as exc:
@@ -106,7 +113,7 @@ def _reply(session: ChatSession, text: str, out: Console, err: Console) -> None:
     if usage and usage.completion_tokens:
         rate = usage.tokens_per_second
         notes.append(t("stats", tokens=usage.completion_tokens, rate=f"{rate:.1f}" if rate else "–"))
-    out.print("  " + " · ".join(notes), style="dim")
+    out.print("  " + " · ".join(notes), style="dim", markup=False)
 
 
 def _command(session: ChatSession, text: str, out: Console) -> bool:

@@ -109,6 +109,7 @@ class Engine:
         return bool(self.waiting or self.running)
 
     # --- stepping -----------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         outputs: list[StepOutput] = []
         decoding = list(self.running)

@@ -163,6 +163,32 @@ def test_each_choice_matches_a_single_request_with_its_derived_seed(make_tiny_mo
 # --- how generation ends --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "penalty",
+    [
+        {"repetition_penalty": 1.3},
+        {"frequency_penalty": 1.5},
+        {"presence_penalty": 1.5},
+        {"logit_bias": {1000: 5.0}},
+    ],
+)
+def test_penalties_run_at_every_decode_step(make_tiny_model: MakeModel, penalty: dict) -> None:
+    """Decode steps apply penalties in place on the logits: this must work inside the engine's step."""
+    engine = Engine(make_tiny_model(), max_batch=2)
+    sequence = generate(engine, random_prompt(6), greedy(24, **penalty))[0]
+    assert len(sequence.output) == 24 and sequence.finish_reason == "length"
+
+
+def test_strong_repetition_penalty_never_repeats(make_tiny_model: MakeModel) -> None:
+    engine = Engine(make_tiny_model(), max_batch=1)
+    prompt = [500] * 6
+    plain = generate(engine, prompt, greedy(40))[0]
+    assert len(set(plain.output)) < len(plain.output), "the unpenalised run repeats itself"
+    penalised = generate(engine, prompt, greedy(40, repetition_penalty=1000.0))[0]
+    assert len(set(penalised.output)) == len(penalised.output)
+    assert 500 not in penalised.output
+
+
 def test_max_tokens_finishes_with_length(make_tiny_model: MakeModel) -> None:
     model = make_tiny_model()
     for max_tokens in (1, 7):
