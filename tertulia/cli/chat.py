@@ -8,6 +8,7 @@ from dataclasses import replace
 from rich.console import Console
 
 from tertulia.chat.session import ChatSession
+from tertulia.cli.progress import LazyProgress
 from tertulia.engine.quant import MODES
 from tertulia.engine.sampling import SamplingParams
 from tertulia.errors import PromptError, TertuliaError
@@ -45,7 +46,8 @@ def run_chat(
         raise PromptError("The prompt is empty.", "Pass some text with -p.")
     if prompt is None:
         err.print(t("loading", model=model), style="dim")
-    provider = LocalProvider.load(model, quantization=quantize, max_batch=1)
+    with LazyProgress(err) as progress:
+        provider = LocalProvider.load(model, quantization=quantize, max_batch=1, progress=progress)
     session = ChatSession(provider, system=system, params=params)
     if prompt is not None:
         _one_shot(session, prompt, err)

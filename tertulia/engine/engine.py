@@ -53,7 +53,10 @@ class Engine:
         self.context = min(model.context_length, max_context or model.context_length)
         self.vocab_size = model.config.vocab_size
         self.stop_ids = self.tokenizer.end_of_turn_ids() | set(model.config.eos_ids)
-        self.cache = KVCache(model.config, max_batch, self.context)
+        # CPU by default; a model moved to CUDA/MPS runs there (sampling stays on the CPU: it is
+        # per-request Python logic over one row of logits per sequence).
+        self.device = model.module.embed_tokens.weight.device
+        self.cache = KVCache(model.config, max_batch, self.context, device=self.device)
         self.max_batch = max_batch
         self.waiting: deque[list[Sequence]] = deque()
         self.running: list[Sequence] = []
@@ -142,12 +145,12 @@ class Engine:
         for start in range(0, len(prompt), PREFILL_CHUNK):
             chunk = prompt[start : start + PREFILL_CHUNK]
             hidden = self.model.module(
-                torch.tensor(chunk),
-                torch.arange(start, start + len(chunk)),
+                torch.tensor(chunk, device=self.device),
+                torch.arange(start, start + len(chunk), device=self.device),
                 PrefillAttention(self.cache, first.slot, start, len(chunk)),
             )
         assert hidden is not None
-        logits = self.model.module.compute_logits(hidden[-1:])
+        logits = self.model.module.compute_logits(hidden[-1:]).cpu()
         for seq in group[1:]:
             seq.slot = self.cache.allocate()
             self.cache.copy_prefix(first.slot, seq.slot, len(prompt))
@@ -165,11 +168,11 @@ class Engine:
         positions = [s.length - 1 for s in sequences]
         self.cache.reserve(max(positions) + 2)
         hidden = self.model.module(
-            torch.tensor([s.output[-1] for s in sequences]),
-            torch.tensor(positions),
+            torch.tensor([s.output[-1] for s in sequences], device=self.device),
+            torch.tensor(positions, device=self.device),
             DecodeAttention(self.cache, [s.slot for s in sequences], positions),
         )
-        outputs = self._sample(sequences, self.model.module.compute_logits(hidden))
+        outputs = self._sample(sequences, self.model.module.compute_logits(hidden).cpu())
         self.stats.decode_seconds += time.perf_counter() - started
         self.stats.decode_steps += 1
         return outputs

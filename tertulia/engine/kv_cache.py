@@ -80,8 +80,9 @@ class PrefillAttention:
         self.cache, self.slot, self.start, self.end = cache, slot, start, start + length
         self.mask = None
         if start:
-            rows = torch.arange(start, self.end).unsqueeze(1)
-            self.mask = torch.arange(self.end).unsqueeze(0) <= rows
+            device = cache.keys.device
+            rows = torch.arange(start, self.end, device=device).unsqueeze(1)
+            self.mask = torch.arange(self.end, device=device).unsqueeze(0) <= rows
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys = self.cache.keys[layer, self.slot]
@@ -109,9 +110,9 @@ class DecodeAttention:
         if slots == list(range(slots[0], slots[0] + batch)):
             self.slot_index: slice | torch.Tensor = slice(slots[0], slots[0] + batch)
         else:
-            self.slot_index = torch.tensor(slots)
-        self.slot_tensor = torch.tensor(slots)
-        self.position_tensor = torch.tensor(positions)
+            self.slot_index = torch.tensor(slots, device=cache.keys.device)
+        self.slot_tensor = torch.tensor(slots, device=cache.keys.device)
+        self.position_tensor = torch.tensor(positions, device=cache.keys.device)
         # Same position in contiguous slots (one sequence, or n choices of one prompt): a plain slice
         # write, cheaper than scattering by index.
         self.same_position = (
@@ -119,7 +120,9 @@ class DecodeAttention:
         )
         self.mask = None
         if min(positions) != max(positions):
-            mask = torch.arange(self.length).unsqueeze(0) <= self.position_tensor.unsqueeze(1)
+            mask = torch.arange(self.length, device=cache.keys.device).unsqueeze(
+                0
+            ) <= self.position_tensor.unsqueeze(1)
             self.mask = mask[:, None, None, :]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

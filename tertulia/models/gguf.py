@@ -6,6 +6,7 @@ Quantized tensors are dequantized to float32 with the `gguf` package's reference
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,9 @@ from tertulia.errors import ModelLoadError
 from tertulia.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from tertulia.models.llama import deinterleave_rotary, llama3_scaled
 from tertulia.models.tokenizer import Tokenizer
+
+# Reports long work: (what, done, total).
+Progress = Callable[[str, int, int], None]
 
 _LAYER_TENSORS = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -176,7 +180,7 @@ def _dequantize(tensor: Any) -> np.ndarray:
     return np.ascontiguousarray(data.reshape(shape), dtype=np.float32)
 
 
-def convert(path: Path, out_dir: Path) -> dict[str, int]:
+def convert(path: Path, out_dir: Path, progress: Progress | None = None) -> dict[str, int]:
     """Write an HF-format model directory equivalent to the GGUF file at `path`.
 
     Returns how many layer weight matrices each GGUF quantization type held (e.g. {"Q4_1": 210}),
@@ -189,7 +193,9 @@ def convert(path: Path, out_dir: Path) -> dict[str, int]:
     tokenizer = Tokenizer.from_gguf_fields(fields)
     state: dict[str, torch.Tensor] = {}
     layer_types: dict[str, int] = {}
-    for tensor in reader.tensors:
+    for done, tensor in enumerate(reader.tensors):
+        if progress:
+            progress(f"converting {path.name}", done, len(reader.tensors))
         name = tensor.name
         if name == _ROPE_FACTORS:
             config.rope_scaling = llama3_scaling_from_factors(_dequantize(tensor), config)

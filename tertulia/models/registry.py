@@ -118,7 +118,7 @@ def resolve(spec: str) -> tuple[str, Path]:
     return path.name, path.resolve()
 
 
-def converted_dir(gguf_path: Path) -> Path:
+def converted_dir(gguf_path: Path, progress: gguf.Progress | None = None) -> Path:
     """The cache directory holding the HF-format conversion of a GGUF file (built on first use)."""
     stat = gguf_path.stat()
     key = f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_CONVERTER_VERSION}"
@@ -128,7 +128,7 @@ def converted_dir(gguf_path: Path) -> Path:
     # Convert into a temporary sibling and rename: a killed conversion never leaves a half cache.
     staging = Path(tempfile.mkdtemp(dir=settings.cache_dir(), prefix=".converting-"))
     try:
-        layer_types = gguf.convert(gguf_path, staging)
+        layer_types = gguf.convert(gguf_path, staging, progress)
         source = {"gguf": str(gguf_path.resolve()), "layer_quantization": layer_types}
         (staging / "source.json").write_text(json.dumps(source))
         staging.rename(target)
@@ -156,10 +156,10 @@ def _prune_stale_conversions(gguf_path: Path, keep: Path) -> None:
             shutil.rmtree(candidate, ignore_errors=True)
 
 
-def load(spec: str | None = None) -> LoadedModel:
+def load(spec: str | None = None, progress: gguf.Progress | None = None) -> LoadedModel:
     """Load a model for serving (float32 weights; see engine.quant for smaller ones)."""
     name, path = resolve(spec or settings.DEFAULT_MODEL)
-    directory = converted_dir(path) if path.is_file() else path
+    directory = converted_dir(path, progress) if path.is_file() else path
     config = hf.read_config(directory)
     tokenizer = Tokenizer.from_dir(directory)
     module = LlamaModel.empty(config)

@@ -9,6 +9,7 @@ from typing import Any
 from tertulia.engine.engine import Engine
 from tertulia.engine.sampling import SamplingParams
 from tertulia.models import registry
+from tertulia.models.gguf import Progress
 from tertulia.providers.base import Chunk, Usage
 
 
@@ -21,9 +22,14 @@ class LocalProvider:
 
     @classmethod
     def load(
-        cls, spec: str | None = None, *, quantization: str = "auto", max_batch: int = 8
+        cls,
+        spec: str | None = None,
+        *,
+        quantization: str = "auto",
+        max_batch: int = 8,
+        progress: Progress | None = None,
     ) -> LocalProvider:
-        model = registry.load(spec)
+        model = registry.load(spec, progress)
         return cls(
             Engine(model, quantization=registry.pick_quantization(model, quantization), max_batch=max_batch)
         )
