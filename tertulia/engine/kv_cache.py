@@ -25,9 +25,13 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        self.shape = (config.num_hidden_layers, slots, config.num_key_value_heads, 0, config.head_dim)
-        self.keys = torch.zeros(self.shape, dtype=dtype, device=device)
-        self.values = torch.zeros(self.shape, dtype=dtype, device=device)
+        # One tensor per layer (a Python list, not a [layers, ...] tensor): indexing a list costs no
+        # tensor dispatch, and decode indexes the cache twice per layer per token.
+        shape = (slots, config.num_key_value_heads, 0, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
+        ]
         self.max_len = max_len
         self.reserve(min(max_len, 512))
         self.group = config.num_attention_heads // config.num_key_value_heads
@@ -35,7 +39,7 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.keys.shape[3]
+        return self.keys[0].shape[2]
 
     def reserve(self, length: int) -> None:
         """Make room for positions < `length` in every slot (zeros: masked reads stay finite)."""
@@ -44,11 +48,11 @@ class KVCache:
         if length > self.max_len:
             raise ValueError(f"KV cache holds at most {self.max_len} positions, {length} asked")
         new_len = min(self.max_len, max(length, 2 * self.capacity))
-        for name in ("keys", "values"):
-            old = getattr(self, name)
-            grown = old.new_zeros(*old.shape[:3], new_len, old.shape[4])
-            grown[:, :, :, : old.shape[3]] = old
-            setattr(self, name, grown)
+        for tensors in (self.keys, self.values):
+            for layer, old in enumerate(tensors):
+                grown = old.new_zeros(*old.shape[:2], new_len, old.shape[3])
+                grown[:, :, : old.shape[2]] = old
+                tensors[layer] = grown
 
     @property
     def free_slots(self) -> int:
@@ -66,11 +70,12 @@ class KVCache:
 
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Share a prompt: copy the first `length` positions of one slot into another."""
-        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
-        self.values[:, target, :, :length] = self.values[:, source, :, :length]
+        for tensors in (self.keys, self.values):
+            for layer in tensors:
+                layer[target, :, :length] = layer[source, :, :length]
 
     def nbytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() * 2
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
 class PrefillAttention:
@@ -80,13 +85,13 @@ class PrefillAttention:
         self.cache, self.slot, self.start, self.end = cache, slot, start, start + length
         self.mask = None
         if start:
-            device = cache.keys.device
+            device = cache.keys[0].device
             rows = torch.arange(start, self.end, device=device).unsqueeze(1)
             self.mask = torch.arange(self.end, device=device).unsqueeze(0) <= rows
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        keys = self.cache.keys[layer, self.slot]
-        values = self.cache.values[layer, self.slot]
+        keys = self.cache.keys[layer][self.slot]
+        values = self.cache.values[layer][self.slot]
         keys[:, self.start : self.end] = k.transpose(0, 1)
         values[:, self.start : self.end] = v.transpose(0, 1)
         out = F.scaled_dot_product_attention(
@@ -110,9 +115,9 @@ class DecodeAttention:
         if slots == list(range(slots[0], slots[0] + batch)):
             self.slot_index: slice | torch.Tensor = slice(slots[0], slots[0] + batch)
         else:
-            self.slot_index = torch.tensor(slots, device=cache.keys.device)
-        self.slot_tensor = torch.tensor(slots, device=cache.keys.device)
-        self.position_tensor = torch.tensor(positions, device=cache.keys.device)
+            self.slot_index = torch.tensor(slots, device=cache.keys[0].device)
+        self.slot_tensor = torch.tensor(slots, device=cache.keys[0].device)
+        self.position_tensor = torch.tensor(positions, device=cache.keys[0].device)
         # Same position in contiguous slots (one sequence, or n choices of one prompt): a plain slice
         # write, cheaper than scattering by index.
         self.same_position = (
@@ -120,7 +125,7 @@ class DecodeAttention:
         )
         self.mask = None
         if min(positions) != max(positions):
-            mask = torch.arange(self.length, device=cache.keys.device).unsqueeze(
+            mask = torch.arange(self.length, device=cache.keys[0].device).unsqueeze(
                 0
             ) <= self.position_tensor.unsqueeze(1)
             self.mask = mask[:, None, None, :]

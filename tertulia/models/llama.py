@@ -88,7 +88,7 @@ class DecoderLayer(nn.Module):
         qk = torch.view_as_real(qk * rotations).reshape(n, heads, self.head_dim)
         v = qkv[:, self._rotary_width :].reshape(n, self.num_kv_heads, self.head_dim)
         out = attention(self.index, qk[:, : self.num_heads], qk[:, self.num_heads :], v)
-        x = x + self.o_proj(out)
+        x = x + self.o_proj(out.to(self.matmul_dtype))
         h = F.rms_norm(x, (x.shape[-1],), self.post_attention_norm, self.eps).to(self.matmul_dtype)
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
