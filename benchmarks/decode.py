@@ -164,7 +164,7 @@ def quality() -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--skip-quality", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
