@@ -79,6 +79,33 @@ def chat(
     )
 
 
+@app.command()
+def serve(
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", "-m", help="Model to serve (repeat for several). Default: smollm2-135m."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Sequences decoded together per model.")] = 16,
+    quantize: QuantizeOption = "auto",
+    insecure: Annotated[
+        bool, typer.Option(help="Allow binding a non-loopback address without API keys.")
+    ] = False,
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health)."""
+    from tertulia.cli.serve import run_server
+
+    run_server(
+        models=model or [DEFAULT_MODEL],
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        quantize=quantize,
+        insecure=insecure,
+    )
+
+
 @app.command("models")
 def list_models() -> None:
     """List the models Tertulia can load."""

@@ -123,12 +123,22 @@ class DecodeAttention:
         self.same_position = (
             positions[0] if isinstance(self.slot_index, slice) and min(positions) == max(positions) else None
         )
-        self.mask = None
-        if min(positions) != max(positions):
-            mask = torch.arange(self.length, device=cache.keys[0].device).unsqueeze(
-                0
-            ) <= self.position_tensor.unsqueeze(1)
-            self.mask = mask[:, None, None, :]
+        # Sequences at different positions attend in groups of equal length, each over exactly its
+        # own keys: one padded, masked call would sum in a different order and make a request's
+        # tokens depend on what else shares the batch (float noise that flips sampled tokens).
+        by_length: dict[int, list[int]] = {}
+        for row, position in enumerate(positions):
+            by_length.setdefault(position + 1, []).append(row)
+        self.groups = None
+        if len(by_length) > 1:
+            self.groups = [
+                (
+                    length,
+                    torch.tensor(rows),
+                    torch.tensor([slots[r] for r in rows], device=cache.keys[0].device),
+                )
+                for length, rows in by_length.items()
+            ]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = self.cache.keys[layer], self.cache.values[layer]
@@ -142,10 +152,14 @@ class DecodeAttention:
         # Grouped-query attention without copying k/v: the query heads that share a kv head become
         # the "query length" axis of that kv head.
         grouped = q.view(batch, heads // self.cache.group, self.cache.group, dim)
-        out = F.scaled_dot_product_attention(
-            grouped,
-            keys[self.slot_index, :, : self.length],
-            values[self.slot_index, :, : self.length],
-            attn_mask=self.mask,
-        )
+        if self.groups is None:
+            out = F.scaled_dot_product_attention(
+                grouped, keys[self.slot_index, :, : self.length], values[self.slot_index, :, : self.length]
+            )
+            return out.reshape(batch, heads * dim)
+        out = torch.empty_like(grouped)
+        for length, rows, slots in self.groups:
+            out[rows] = F.scaled_dot_product_attention(
+                grouped[rows], keys[slots, :, :length], values[slots, :, :length]
+            )
         return out.reshape(batch, heads * dim)

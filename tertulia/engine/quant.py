@@ -163,7 +163,10 @@ def apply(module: nn.Module, mode: str, cache_file: Path | None = None) -> str:
     if mode == "int4":
         if cache_file is not None and cache_file.exists():
             try:
-                _int4_from_tensors(module, load_file(str(cache_file)))
+                # Clone: tensors read from safetensors may sit at any byte offset, and the packed
+                # int8/int4 kernels use aligned vector loads (they crash on unaligned weights).
+                tensors = {k: v.clone() for k, v in load_file(str(cache_file)).items()}
+                _int4_from_tensors(module, tensors)
                 return mode
             except (SafetensorError, OSError, KeyError):
                 cache_file.unlink(missing_ok=True)  # unreadable: rebuild it below

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from tertulia.engine.engine import Engine
+from tertulia.engine.runner import EngineRunner, RequestStream
 from tertulia.engine.sampling import SamplingParams
 from tertulia.models import registry
 from tertulia.models.gguf import Progress
@@ -55,3 +56,21 @@ class LocalProvider:
                 yield Chunk(
                     out.sequence.index, out.text, out.sequence.finish_reason if out.finished else None
                 )
+
+
+class ServedModel:
+    """A local model as the server uses it: the engine runs in its own thread (see engine.runner)."""
+
+    def __init__(self, provider: LocalProvider) -> None:
+        self.provider = provider
+        self.name = provider.name
+        self.runner = EngineRunner(provider.engine)
+
+    def start(self) -> None:
+        self.runner.start()
+
+    def stop(self) -> None:
+        self.runner.stop()
+
+    def submit_chat(self, messages: list[dict[str, Any]], params: SamplingParams) -> RequestStream:
+        return self.runner.submit(self.provider.encode_chat(messages), params)

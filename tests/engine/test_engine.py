@@ -632,3 +632,18 @@ def test_real_model_knows_the_capital_of_france(real_model: LoadedModel) -> None
     assert seq.finish_reason == "stop"
     assert seq.output[-1] in engine.stop_ids
     assert "<|im_end|>" not in seq.text
+
+
+def test_int4_weights_cached_on_disk_reload_identically(make_tiny_model: MakeModel, tmp_path) -> None:
+    """The second load reads the packed weights back (they must be usable at any batch size)."""
+    cache_file = tmp_path / "int4.safetensors"
+    first, second = make_tiny_model(seed=5), make_tiny_model(seed=5)
+    quant.apply(first.module, "int4", cache_file)
+    assert cache_file.exists()
+    quant.apply(second.module, "int4", cache_file)
+    x = torch.randn(16, first.config.hidden_size)
+    with torch.inference_mode():
+        assert torch.equal(first.module.compute_logits(x), second.module.compute_logits(x))
+        for a, b in zip(first.module.layers, second.module.layers, strict=True):
+            h = torch.randn(16, first.config.hidden_size).bfloat16()
+            assert torch.equal(a.qkv_proj(h), b.qkv_proj(h))

@@ -1,0 +1,49 @@
+"""`tertulia serve`: load the models, then run the API with uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from rich.console import Console
+
+from tertulia.cli.progress import LazyProgress
+from tertulia.engine.quant import MODES
+from tertulia.errors import TertuliaError
+from tertulia.providers.local import LocalProvider, ServedModel
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run_server(
+    *, models: list[str], host: str, port: int, max_batch: int, quantize: str, insecure: bool
+) -> None:
+    import uvicorn
+
+    from tertulia.server.app import create_app
+
+    if quantize not in ("auto", *MODES):
+        raise TertuliaError(f"Unknown quantization '{quantize}'; choose auto, {', '.join(MODES)}.")
+    if not _is_loopback(host) and not insecure:
+        raise TertuliaError(
+            f"Refusing to serve on {host} without API keys: anyone who can reach it could use it.",
+            "Bind 127.0.0.1, or pass --insecure if the network is trusted.",
+        )
+    err = Console(stderr=True, highlight=False)
+    served = []
+    for spec in models:
+        err.print(f"Loading {spec}…", style="dim")
+        with LazyProgress(err) as progress:
+            provider = LocalProvider.load(spec, quantization=quantize, max_batch=max_batch, progress=progress)
+        served.append(ServedModel(provider))
+    names = [m.name for m in served]
+    if len(set(names)) != len(names):
+        raise TertuliaError(f"Two models share a name ({', '.join(names)}).", "Serve each model once.")
+    err.print(f"Tertulia serving {', '.join(names)} at http://{host}:{port}/v1", style="bold")
+    uvicorn.run(create_app(served), host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)

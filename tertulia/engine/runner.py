@@ -1,0 +1,145 @@
+"""The engine in its own thread, so servers never block their event loop on a forward pass.
+
+Requests and aborts reach the thread through an inbox; outputs go back to each request's asyncio
+queue with `call_soon_threadsafe`. While any request is running the thread steps the engine
+continuously: new requests join the running batch at the next step (continuous batching).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from tertulia.engine.engine import Engine
+from tertulia.engine.sampling import SamplingParams
+from tertulia.engine.sequence import Sequence, StepOutput
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+@dataclass(eq=False)
+class RequestStream:
+    """One request's outputs, consumed with `async for` on the loop that submitted it."""
+
+    runner: EngineRunner
+    loop: asyncio.AbstractEventLoop
+    prompt: list[int]
+    params: SamplingParams
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    sequences: list[Sequence] = field(default_factory=list)
+    finished: bool = False
+
+    def push(self, item: object) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    async def __aiter__(self) -> AsyncIterator[StepOutput]:
+        while True:
+            item = await self.queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+
+    def cancel(self) -> None:
+        """Stop generating (client went away): frees the KV slots at the engine's next step."""
+        if not self.finished:
+            self.runner.abort(self)
+
+
+class EngineRunner:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[int, RequestStream] = {}
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="tertulia-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish nothing new: end running requests (finish_reason 'abort') and join the thread."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    @property
+    def pending(self) -> int:
+        """Requests accepted and not finished (waiting or running)."""
+        return len(self._streams) + self._inbox.qsize()
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> RequestStream:
+        """Validate now (errors raise in the caller), generate in the engine thread."""
+        self.engine.check_prompt(prompt, params)
+        stream = RequestStream(self, asyncio.get_running_loop(), prompt, params)
+        self._send(lambda: self._add(stream))
+        return stream
+
+    def abort(self, stream: RequestStream) -> None:
+        self._send(lambda: self._abort(stream))
+
+    def _send(self, command: Callable[[], None]) -> None:
+        self._inbox.put(command)
+        self._wake.set()
+
+    # --- engine thread ------------------------------------------------------------------------
+    def _add(self, stream: RequestStream) -> None:
+        if stream.finished:
+            return
+        stream.sequences = self.engine.add(stream.prompt, stream.params)
+        self._streams[stream.sequences[0].group] = stream
+
+    def _abort(self, stream: RequestStream) -> None:
+        if stream.sequences and not stream.finished:
+            self.engine.abort(stream.sequences)
+            self._finish(stream)
+        stream.finished = True
+
+    def _finish(self, stream: RequestStream) -> None:
+        stream.finished = True
+        if stream.sequences:
+            self._streams.pop(stream.sequences[0].group, None)
+        stream.push(_DONE)
+
+    def _run(self) -> None:
+        while True:
+            while not self._inbox.empty():
+                self._inbox.get()()
+            if self._stopping:
+                for stream in list(self._streams.values()):
+                    self.engine.abort(stream.sequences)
+                    for seq in stream.sequences:
+                        stream.push(StepOutput(seq, "", None))
+                    self._finish(stream)
+                return
+            if not self.engine.has_work:
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a bug in a step must not kill the server: fail those requests
+                log.exception("engine step failed")
+                for stream in list(self._streams.values()):
+                    self.engine.abort(stream.sequences)
+                    stream.push(exc)
+                    self._finish(stream)
+                continue
+            touched: set[int] = set()
+            for out in outputs:
+                stream = self._streams.get(out.sequence.group)
+                if stream is not None:
+                    stream.push(out)
+                    touched.add(out.sequence.group)
+            for group in touched:
+                stream = self._streams[group]
+                if all(s.finish_reason is not None for s in stream.sequences):
+                    self._finish(stream)

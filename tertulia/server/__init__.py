@@ -1,0 +1,1 @@
+"""HTTP interface: the OpenAI-compatible API (and later the web app)."""

@@ -1,0 +1,43 @@
+"""The FastAPI application: OpenAI-compatible /v1 routes and /health over locally served models."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from tertulia import __version__
+from tertulia.providers.local import ServedModel
+from tertulia.server import errors, openai_api
+
+
+def create_app(models: list[ServedModel]) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for model in models:
+            model.start()
+        app.state.ready = True
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            for model in models:
+                model.stop()
+
+    app = FastAPI(title="Tertulia", version=__version__, lifespan=lifespan)
+    app.state.models = {m.name: m for m in models}
+    app.state.started = int(time.time())
+    app.state.ready = False
+    errors.install(app)
+    app.include_router(openai_api.router)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not app.state.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok", "models": list(app.state.models)})
+
+    return app

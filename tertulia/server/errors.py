@@ -1,0 +1,74 @@
+"""Every error leaves the server in OpenAI's envelope: {"error": {message, type, param, code}}."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from tertulia.errors import PromptError, TertuliaError
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+def envelope(
+    status: int, message: str, type: str, param: str | None = None, code: str | None = None
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0] if exc.errors() else {}
+    location = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(location) or None
+    if first.get("type") == "json_invalid":
+        return "The request body is not valid JSON.", None
+    message = first.get("msg", "Invalid request.").removeprefix("Value error, ")
+    return (f"{param}: {message}" if param else message), param
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return envelope(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return envelope(400, message, "invalid_request_error", param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return envelope(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(PromptError)
+    async def prompt_error(_: Request, exc: PromptError) -> JSONResponse:
+        return envelope(400, str(exc), "invalid_request_error", "messages", exc.code)
+
+    @app.exception_handler(TertuliaError)
+    async def tertulia_error(_: Request, exc: TertuliaError) -> JSONResponse:
+        return envelope(400, str(exc), "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return envelope(500, "The server had an error while processing the request.", "server_error")

@@ -1,0 +1,186 @@
+"""/v1 routes: chat completions (streaming and not) and the model list, shaped as OpenAI's."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from tertulia import __version__
+from tertulia.engine.runner import RequestStream
+from tertulia.engine.sequence import StepOutput, TokenLogprob
+from tertulia.providers.local import ServedModel
+from tertulia.server.errors import APIError
+from tertulia.server.schemas import ChatCompletionRequest
+
+router = APIRouter(prefix="/v1")
+
+
+def served_models(request: Request) -> dict[str, ServedModel]:
+    return request.app.state.models
+
+
+def pick_model(request: Request, name: str) -> ServedModel:
+    models = served_models(request)
+    if name not in models:
+        raise APIError(
+            404,
+            f"The model '{name}' does not exist. Available: {', '.join(models)}.",
+            type="invalid_request_error",
+            param="model",
+            code="model_not_found",
+        )
+    return models[name]
+
+
+def model_card(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "tertulia"}
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    created = request.app.state.started
+    return {"object": "list", "data": [model_card(name, created) for name in served_models(request)]}
+
+
+@router.get("/models/{name:path}")
+async def get_model(request: Request, name: str) -> dict[str, Any]:
+    pick_model(request, name)
+    return model_card(name, request.app.state.started)
+
+
+def _logprob_content(tokenizer: Any, item: TokenLogprob) -> dict[str, Any]:
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        piece = tokenizer.token_bytes[token] if token < len(tokenizer.token_bytes) else None
+        raw = piece if piece is not None else (tokenizer.id_to_token(token) or "").encode()
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    return dict(entry(item.token, item.logprob), top_logprobs=[entry(t, lp) for t, lp in item.top])
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+    model = pick_model(request, body.model)
+    if body.response_format is not None and body.response_format.type == "json_object":
+        raise APIError(400, "response_format json_object is not supported yet.", param="response_format")
+    try:
+        stream = model.submit_chat(body.template_messages(), body.to_sampling())
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from None
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _chat_events(stream, model, completion_id, created, body, include_usage)
+        return StreamingResponse(
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+    return JSONResponse(await _chat_response(stream, model, completion_id, created, body))
+
+
+async def _chat_response(
+    stream: RequestStream, model: ServedModel, completion_id: str, created: int, body: ChatCompletionRequest
+) -> dict[str, Any]:
+    logprobs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(body.n)}
+    tokenizer = model.provider.model.tokenizer
+    try:
+        async for out in stream:
+            if out.logprob is not None:
+                logprobs[out.sequence.index].append(_logprob_content(tokenizer, out.logprob))
+    finally:
+        stream.cancel()
+    choices = [
+        {
+            "index": seq.index,
+            "message": {"role": "assistant", "content": seq.text, "refusal": None},
+            "logprobs": {"content": logprobs[seq.index], "refusal": None} if body.logprobs else None,
+            "finish_reason": _finish_reason(seq.finish_reason),
+        }
+        for seq in stream.sequences
+    ]
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": body.model,
+        "system_fingerprint": _fingerprint(model),
+        "choices": choices,
+        "usage": _usage(stream),
+    }
+
+
+def _fingerprint(model: ServedModel) -> str:
+    """Changes when what decides the tokens changes (version, quantization): see OpenAI's `seed` docs."""
+    return f"tertulia-{__version__}-{model.provider.engine.quantization}"
+
+
+def _finish_reason(reason: str | None) -> str:
+    # "abort" happens only when the server shuts down mid-request; OpenAI has no such reason.
+    return reason if reason in ("stop", "length") else "stop"
+
+
+def _usage(stream: RequestStream) -> dict[str, int]:
+    prompt_tokens = len(stream.prompt)
+    completion_tokens = sum(len(s.output) for s in stream.sequences)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _chat_events(
+    stream: RequestStream,
+    model: ServedModel,
+    completion_id: str,
+    created: int,
+    body: ChatCompletionRequest,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    tokenizer = model.provider.model.tokenizer
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        data: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": body.model,
+            "system_fingerprint": _fingerprint(model),
+            "choices": choices,
+        }
+        if include_usage:
+            data["usage"] = usage
+        return _sse(data)
+
+    def choice(
+        index: int, delta: dict[str, Any], finish: str | None = None, out: StepOutput | None = None
+    ) -> dict:
+        logprobs = None
+        if body.logprobs and out is not None and out.logprob is not None:
+            logprobs = {"content": [_logprob_content(tokenizer, out.logprob)], "refusal": None}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+    try:
+        for index in range(body.n):
+            yield chunk([choice(index, {"role": "assistant", "content": ""})])
+        async for out in stream:
+            seq = out.sequence
+            if out.text or (body.logprobs and out.logprob is not None):
+                yield chunk([choice(seq.index, {"content": out.text}, out=out)])
+            if out.finished:
+                yield chunk([choice(seq.index, {}, _finish_reason(seq.finish_reason))])
+        if include_usage:
+            yield chunk([], _usage(stream))
+        yield "data: [DONE]\n\n"
+    finally:
+        # A client that disconnects lands here too (the generator is closed): free its KV slots.
+        stream.cancel()

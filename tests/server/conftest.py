@@ -1,0 +1,73 @@
+"""A live Tertulia server on loopback (real embedded model, int4 as served by default), one per session."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import uvicorn
+
+from tertulia.engine.engine import Engine
+from tertulia.models import registry
+from tertulia.providers.local import LocalProvider, ServedModel
+from tertulia.server.app import create_app
+
+MODEL = "smollm2-135m"
+
+
+@dataclass
+class LiveServer:
+    url: str
+    model: ServedModel
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def wait_until_idle(self, timeout: float = 30.0) -> bool:
+        """Until no request holds a KV slot (a correctness wait, bounded; not a performance check)."""
+        engine = self.model.provider.engine
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if engine.cache.free_slots == engine.max_batch and not engine.has_work:
+                return True
+            time.sleep(0.05)
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def live_server(embedded_dir) -> Iterator[LiveServer]:
+    model = registry.load(MODEL)
+    engine = Engine(model, quantization=registry.pick_quantization(model), max_batch=16)
+    served = ServedModel(LocalProvider(engine))
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app([served]), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    else:
+        raise RuntimeError("server did not start")
+    yield LiveServer(url, served)
+    server.should_exit = True
+    thread.join(30)
