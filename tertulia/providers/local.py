@@ -74,3 +74,19 @@ class ServedModel:
 
     def submit_chat(self, messages: list[dict[str, Any]], params: SamplingParams) -> RequestStream:
         return self.runner.submit(self.provider.encode_chat(messages), params)
+
+    def encode_text(self, prompt: str | list[int]) -> list[int]:
+        """A raw prompt's ids: the caller writes the format, so control tokens in it are honoured."""
+        if isinstance(prompt, list):
+            vocab = self.provider.model.config.vocab_size
+            if any(not 0 <= t < vocab for t in prompt):
+                raise ValueError(f"prompt token ids must be in 0..{vocab - 1}")
+            return prompt
+        tokenizer = self.provider.model.tokenizer
+        ids = tokenizer.encode(prompt, allow_special=True)
+        if tokenizer.add_bos and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
+            ids = [tokenizer.bos_id, *ids]
+        return ids
+
+    def submit_ids(self, prompt: list[int], params: SamplingParams) -> RequestStream:
+        return self.runner.submit(prompt, params)

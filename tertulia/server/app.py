@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from tertulia import __version__
 from tertulia.providers.local import ServedModel
-from tertulia.server import errors, openai_api
+from tertulia.server import completions_api, errors, openai_api  # noqa: F401  (routes register on import)
 
 
 def create_app(models: list[ServedModel]) -> FastAPI:

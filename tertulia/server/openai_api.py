@@ -99,7 +99,7 @@ async def _chat_response(
             "index": seq.index,
             "message": {"role": "assistant", "content": seq.text, "refusal": None},
             "logprobs": {"content": logprobs[seq.index], "refusal": None} if body.logprobs else None,
-            "finish_reason": _finish_reason(seq.finish_reason),
+            "finish_reason": finish_reason(seq.finish_reason),
         }
         for seq in stream.sequences
     ]
@@ -108,18 +108,18 @@ async def _chat_response(
         "object": "chat.completion",
         "created": created,
         "model": body.model,
-        "system_fingerprint": _fingerprint(model),
+        "system_fingerprint": fingerprint(model),
         "choices": choices,
         "usage": _usage(stream),
     }
 
 
-def _fingerprint(model: ServedModel) -> str:
+def fingerprint(model: ServedModel) -> str:
     """Changes when what decides the tokens changes (version, quantization): see OpenAI's `seed` docs."""
     return f"tertulia-{__version__}-{model.provider.engine.quantization}"
 
 
-def _finish_reason(reason: str | None) -> str:
+def finish_reason(reason: str | None) -> str:
     # "abort" happens only when the server shuts down mid-request; OpenAI has no such reason.
     return reason if reason in ("stop", "length") else "stop"
 
@@ -134,7 +134,7 @@ def _usage(stream: RequestStream) -> dict[str, int]:
     }
 
 
-def _sse(data: dict[str, Any]) -> str:
+def sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
@@ -154,12 +154,12 @@ async def _chat_events(
             "object": "chat.completion.chunk",
             "created": created,
             "model": body.model,
-            "system_fingerprint": _fingerprint(model),
+            "system_fingerprint": fingerprint(model),
             "choices": choices,
         }
         if include_usage:
             data["usage"] = usage
-        return _sse(data)
+        return sse(data)
 
     def choice(
         index: int, delta: dict[str, Any], finish: str | None = None, out: StepOutput | None = None
@@ -177,7 +177,7 @@ async def _chat_events(
             if out.text or (body.logprobs and out.logprob is not None):
                 yield chunk([choice(seq.index, {"content": out.text}, out=out)])
             if out.finished:
-                yield chunk([choice(seq.index, {}, _finish_reason(seq.finish_reason))])
+                yield chunk([choice(seq.index, {}, finish_reason(seq.finish_reason))])
         if include_usage:
             yield chunk([], _usage(stream))
         yield "data: [DONE]\n\n"
