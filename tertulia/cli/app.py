@@ -89,6 +89,15 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     max_batch: Annotated[int, typer.Option(help="Sequences decoded together per model.")] = 16,
     quantize: QuantizeOption = "auto",
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--api-key", help="Require this key on /v1 (repeatable; also TERTULIA_API_KEYS, comma-separated)."
+        ),
+    ] = None,
+    max_queue: Annotated[
+        int, typer.Option(help="Requests in progress per model before answering 429.")
+    ] = 256,
     insecure: Annotated[
         bool, typer.Option(help="Allow binding a non-loopback address without API keys.")
     ] = False,

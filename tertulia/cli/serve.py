@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 
 from rich.console import Console
 
@@ -22,7 +23,15 @@ def _is_loopback(host: str) -> bool:
 
 
 def run_server(
-    *, models: list[str], host: str, port: int, max_batch: int, quantize: str, insecure: bool
+    *,
+    models: list[str],
+    host: str,
+    port: int,
+    max_batch: int,
+    quantize: str,
+    api_keys: list[str],
+    max_queue: int,
+    insecure: bool,
 ) -> None:
     import uvicorn
 
@@ -30,7 +39,10 @@ def run_server(
 
     if quantize not in ("auto", *MODES):
         raise TertuliaError(f"Unknown quantization '{quantize}'; choose auto, {', '.join(MODES)}.")
-    if not _is_loopback(host) and not insecure:
+    keys = set(api_keys) | {
+        k.strip() for k in os.environ.get("TERTULIA_API_KEYS", "").split(",") if k.strip()
+    }
+    if not _is_loopback(host) and not keys and not insecure:
         raise TertuliaError(
             f"Refusing to serve on {host} without API keys: anyone who can reach it could use it.",
             "Bind 127.0.0.1, or pass --insecure if the network is trusted.",
@@ -46,4 +58,5 @@ def run_server(
     if len(set(names)) != len(names):
         raise TertuliaError(f"Two models share a name ({', '.join(names)}).", "Serve each model once.")
     err.print(f"Tertulia serving {', '.join(names)} at http://{host}:{port}/v1", style="bold")
-    uvicorn.run(create_app(served), host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+    app = create_app(served, api_keys=keys, max_queue=max_queue)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)

@@ -12,9 +12,15 @@ from fastapi.responses import JSONResponse
 from tertulia import __version__
 from tertulia.providers.local import ServedModel
 from tertulia.server import completions_api, errors, openai_api  # noqa: F401  (routes register on import)
+from tertulia.server.limits import GuardMiddleware
 
 
-def create_app(models: list[ServedModel]) -> FastAPI:
+def create_app(
+    models: list[ServedModel], *, api_keys: set[str] | None = None, max_queue: int = 256
+) -> FastAPI:
+    """`api_keys`: when given, every /v1 route needs one (as a Bearer token); /health stays open.
+    `max_queue`: requests in progress per model beyond which new ones get 429 + Retry-After."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for model in models:
@@ -31,6 +37,8 @@ def create_app(models: list[ServedModel]) -> FastAPI:
     app.state.models = {m.name: m for m in models}
     app.state.started = int(time.time())
     app.state.ready = False
+    app.state.max_queue = max_queue
+    app.add_middleware(GuardMiddleware, api_keys=set(api_keys or ()))
     errors.install(app)
     app.include_router(openai_api.router)
 

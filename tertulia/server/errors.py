@@ -48,7 +48,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return envelope(exc.status, exc.message, exc.type, exc.param, exc.code)
+        response = envelope(exc.status, exc.message, exc.type, exc.param, exc.code)
+        if exc.status == 429:
+            response.headers["Retry-After"] = "1"
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

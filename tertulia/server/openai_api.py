@@ -16,6 +16,7 @@ from tertulia.engine.runner import RequestStream
 from tertulia.engine.sequence import StepOutput, TokenLogprob
 from tertulia.providers.local import ServedModel
 from tertulia.server.errors import APIError
+from tertulia.server.limits import check_queue
 from tertulia.server.schemas import ChatCompletionRequest
 
 router = APIRouter(prefix="/v1")
@@ -25,7 +26,8 @@ def served_models(request: Request) -> dict[str, ServedModel]:
     return request.app.state.models
 
 
-def pick_model(request: Request, name: str) -> ServedModel:
+def pick_model(request: Request, name: str, *, admit: bool = True) -> ServedModel:
+    """The served model called `name` (404 otherwise); with `admit`, 429 when its queue is full."""
     models = served_models(request)
     if name not in models:
         raise APIError(
@@ -35,7 +37,10 @@ def pick_model(request: Request, name: str) -> ServedModel:
             param="model",
             code="model_not_found",
         )
-    return models[name]
+    model = models[name]
+    if admit:
+        check_queue(model.runner.pending, request.app.state.max_queue)
+    return model
 
 
 def model_card(name: str, created: int) -> dict[str, Any]:
@@ -50,7 +55,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 @router.get("/models/{name:path}")
 async def get_model(request: Request, name: str) -> dict[str, Any]:
-    pick_model(request, name)
+    pick_model(request, name, admit=False)
     return model_card(name, request.app.state.started)
 
 

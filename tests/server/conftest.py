@@ -6,11 +6,13 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI
 
 from tertulia.engine.engine import Engine
 from tertulia.models import registry
@@ -46,15 +48,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def live_server(embedded_dir) -> Iterator[LiveServer]:
-    model = registry.load(MODEL)
-    engine = Engine(model, quantization=registry.pick_quantization(model), max_batch=16)
-    served = ServedModel(LocalProvider(engine))
+@contextmanager
+def running(app: FastAPI) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free loopback port for the duration of the block; yields its URL."""
     port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app([served]), host="127.0.0.1", port=port, log_level="warning")
-    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -68,6 +66,17 @@ def live_server(embedded_dir) -> Iterator[LiveServer]:
         time.sleep(0.1)
     else:
         raise RuntimeError("server did not start")
-    yield LiveServer(url, served)
-    server.should_exit = True
-    thread.join(30)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="session")
+def live_server(embedded_dir) -> Iterator[LiveServer]:
+    model = registry.load(MODEL)
+    engine = Engine(model, quantization=registry.pick_quantization(model), max_batch=16)
+    served = ServedModel(LocalProvider(engine))
+    with running(create_app([served])) as url:
+        yield LiveServer(url, served)
