@@ -11,8 +11,10 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from tertulia.engine.engine import Engine
 from tertulia.engine.sampling import SamplingParams
@@ -21,6 +23,16 @@ from tertulia.engine.sequence import Sequence, StepOutput
 log = logging.getLogger(__name__)
 
 _DONE = object()
+
+
+class RunnerObserver(Protocol):
+    """Receives timings from the engine thread (the server turns them into Prometheus metrics)."""
+
+    def first_token(self, seconds: float) -> None: ...
+
+    def next_token(self, seconds: float) -> None: ...
+
+    def finished(self, prompt_tokens: int, completion_tokens: int) -> None: ...
 
 
 @dataclass(eq=False)
@@ -34,6 +46,8 @@ class RequestStream:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     sequences: list[Sequence] = field(default_factory=list)
     finished: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+    last_token: dict[int, float] = field(default_factory=dict)
 
     def push(self, item: object) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -54,8 +68,9 @@ class RequestStream:
 
 
 class EngineRunner:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, observer: RunnerObserver | None = None) -> None:
         self.engine = engine
+        self.observer = observer
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[int, RequestStream] = {}
@@ -103,7 +118,20 @@ class EngineRunner:
             self._finish(stream)
         stream.finished = True
 
+    def _observe(self, stream: RequestStream, out: StepOutput, now: float) -> None:
+        if self.observer is None:
+            return
+        index = out.sequence.index
+        previous = stream.last_token.get(index)
+        if previous is None:
+            self.observer.first_token(now - stream.submitted)
+        else:
+            self.observer.next_token(now - previous)
+        stream.last_token[index] = now
+
     def _finish(self, stream: RequestStream) -> None:
+        if self.observer is not None and not stream.finished and stream.sequences:
+            self.observer.finished(len(stream.prompt), sum(len(s.output) for s in stream.sequences))
         stream.finished = True
         if stream.sequences:
             self._streams.pop(stream.sequences[0].group, None)
@@ -134,9 +162,11 @@ class EngineRunner:
                     self._finish(stream)
                 continue
             touched: set[int] = set()
+            now = time.perf_counter()
             for out in outputs:
                 stream = self._streams.get(out.sequence.group)
                 if stream is not None:
+                    self._observe(stream, out, now)
                     stream.push(out)
                     touched.add(out.sequence.group)
             for group in touched:

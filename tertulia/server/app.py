@@ -7,12 +7,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from tertulia import __version__
 from tertulia.providers.local import ServedModel
 from tertulia.server import completions_api, errors, openai_api  # noqa: F401  (routes register on import)
 from tertulia.server.limits import GuardMiddleware
+from tertulia.server.metrics import CONTENT_TYPE, Metrics
 
 
 def create_app(
@@ -38,9 +39,16 @@ def create_app(
     app.state.started = int(time.time())
     app.state.ready = False
     app.state.max_queue = max_queue
+    app.state.metrics = Metrics()
+    for model in models:
+        app.state.metrics.watch(model)
     app.add_middleware(GuardMiddleware, api_keys=set(api_keys or ()))
     errors.install(app)
     app.include_router(openai_api.router)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(app.state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/health")
     async def health() -> JSONResponse:

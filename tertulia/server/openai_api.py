@@ -38,6 +38,7 @@ def pick_model(request: Request, name: str, *, admit: bool = True) -> ServedMode
             code="model_not_found",
         )
     model = models[name]
+    request.app.state.metrics.requests.labels(name, request.url.path).inc()
     if admit:
         check_queue(model.runner.pending, request.app.state.max_queue)
     return model

@@ -186,3 +186,33 @@ def test_disconnected_client_frees_its_slot(live_server: LiveServer) -> None:
         engine = live_server.model.provider.engine
         assert engine.cache.free_slots <= engine.max_batch - 2
     assert live_server.wait_until_idle(), "the aborted request still holds KV slots"
+
+
+def _metrics(live_server: LiveServer) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{live_server.url}/metrics").text
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("model") == MODEL:
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values
+
+
+def test_metrics_count_what_the_requests_did(live_server: LiveServer, client: openai.OpenAI) -> None:
+    assert live_server.wait_until_idle()
+    before = _metrics(live_server)
+    reply = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0)
+    after = _metrics(live_server)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta("tertulia_requests_total") == 1
+    assert delta("tertulia_prompt_tokens_total") == reply.usage.prompt_tokens
+    assert delta("tertulia_generation_tokens_total") == reply.usage.completion_tokens
+    assert delta("tertulia_time_to_first_token_seconds_count") == 1
+    assert delta("tertulia_inter_token_latency_seconds_count") == reply.usage.completion_tokens - 1
+    assert after["tertulia_running_sequences"] == 0 and after["tertulia_kv_cache_usage_ratio"] == 0
+    assert "tertulia_queue_depth" in after

@@ -1,0 +1,78 @@
+"""Prometheus metrics at /metrics: requests, tokens, latency histograms, queue, batch and KV usage."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from tertulia.providers.local import ServedModel
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "tertulia_requests", "Requests received", ["model", "endpoint"], registry=self.registry
+        )
+        self.prompt_tokens = Counter(
+            "tertulia_prompt_tokens", "Prompt tokens processed", ["model"], registry=self.registry
+        )
+        self.generation_tokens = Counter(
+            "tertulia_generation_tokens", "Tokens generated", ["model"], registry=self.registry
+        )
+        self.ttft = Histogram(
+            "tertulia_time_to_first_token_seconds",
+            "From request to first token",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            "tertulia_inter_token_latency_seconds",
+            "Between consecutive tokens of a sequence",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._queue = Gauge("tertulia_queue_depth", "Requests waiting", ["model"], registry=self.registry)
+        self._running = Gauge(
+            "tertulia_running_sequences", "Sequences being decoded", ["model"], registry=self.registry
+        )
+        self._kv = Gauge(
+            "tertulia_kv_cache_usage_ratio", "Share of KV slots in use", ["model"], registry=self.registry
+        )
+
+    def watch(self, model: ServedModel) -> None:
+        """Gauges read the engine when scraped; timings arrive from the engine thread."""
+        engine = model.runner.engine
+        self._queue.labels(model.name).set_function(lambda: len(engine.waiting))
+        self._running.labels(model.name).set_function(lambda: len(engine.running))
+        self._kv.labels(model.name).set_function(
+            lambda: 1 - engine.cache.free_slots / engine.max_batch if engine.max_batch else 0.0
+        )
+        model.runner.observer = _ModelObserver(self, model.name)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _ModelObserver:
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._ttft = metrics.ttft.labels(model)
+        self._itl = metrics.itl.labels(model)
+        self._prompt = metrics.prompt_tokens.labels(model)
+        self._generated = metrics.generation_tokens.labels(model)
+
+    def first_token(self, seconds: float) -> None:
+        self._ttft.observe(seconds)
+
+    def next_token(self, seconds: float) -> None:
+        self._itl.observe(seconds)
+
+    def finished(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self._prompt.inc(prompt_tokens)
+        self._generated.inc(completion_tokens)
