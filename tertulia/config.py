@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tertulia.errors import TertuliaError
+
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -14,19 +16,28 @@ def home() -> Path:
         os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "tertulia"
     )
     path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
+    _ensure_dir(path)
     return path
+
+
+def _ensure_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TertuliaError(
+            f"Cannot use {path} as a data folder ({exc.strerror}).", "Set TERTULIA_HOME to a writable folder."
+        ) from None
 
 
 def cache_dir() -> Path:
     """Converted models (safetensors) live here so the second load is fast."""
     path = home() / "cache"
-    path.mkdir(parents=True, exist_ok=True)
+    _ensure_dir(path)
     return path
 
 
 def models_dir() -> Path:
     """Models fetched with `tertulia pull` and models trained locally."""
     path = home() / "models"
-    path.mkdir(parents=True, exist_ok=True)
+    _ensure_dir(path)
     return path

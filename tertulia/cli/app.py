@@ -14,7 +14,7 @@ from tertulia.config import DEFAULT_MODEL
 
 app = typer.Typer(
     name="tertulia",
-    help="A self-hosted ChatGPT you own: chat, serve an OpenAI-compatible API, fine-tune, evaluate.",
+    help="A self-hosted ChatGPT you own: chat in the terminal, serve an OpenAI-compatible API.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -65,7 +65,7 @@ def chat(
     from tertulia.cli.chat import run_chat
 
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
     run_chat(
         model=model,
         prompt=prompt,

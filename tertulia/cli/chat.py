@@ -10,7 +10,7 @@ from rich.console import Console
 from tertulia.chat.session import ChatSession
 from tertulia.cli.progress import LazyProgress
 from tertulia.engine.quant import MODES
-from tertulia.engine.sampling import SamplingParams
+from tertulia.engine.sampling import MAX_TEMPERATURE, SamplingParams
 from tertulia.errors import PromptError, TertuliaError
 from tertulia.i18n import t
 from tertulia.providers.local import LocalProvider
@@ -61,7 +61,9 @@ def _one_shot(session: ChatSession, prompt: str, err: Console) -> None:
         sys.stdout.flush()
     sys.stdout.write("\n")
     if session.last_fit and session.last_fit.dropped:
-        err.print(t("dropped", count=session.last_fit.dropped), style="yellow")
+        err.print(t("dropped", count=session.last_fit.dropped), style="yellow", markup=False)
+    if session.last_finish_reason == "length":
+        err.print(t("truncated"), style="yellow", markup=False)
 
 
 def _repl(session: ChatSession, provider: LocalProvider, err: Console) -> None:
@@ -81,6 +83,9 @@ def _repl(session: ChatSession, provider: LocalProvider, err: Console) -> None:
         except KeyboardInterrupt:
             out.print()
             break
+        except UnicodeDecodeError:
+            out.print("error: that line is not valid UTF-8.", style="red")
+            continue
         text = line.strip()
         if not text:
             continue
@@ -135,7 +140,7 @@ def _command(session: ChatSession, text: str, out: Console) -> bool:
         out.print(t("system_set" if argument else "system_cleared"), style="dim")
     elif command in ("/temperature", "/temp"):
         value = _number(argument, float)
-        if value is None or value < 0:
+        if value is None or not 0 <= value <= MAX_TEMPERATURE:
             out.print(t("bad_number", command=command, example="/temperature 0.7"), style="yellow")
         else:
             session.params = replace(session.params, temperature=value)

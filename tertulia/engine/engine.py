@@ -48,7 +48,11 @@ class Engine:
         self.tokenizer = model.tokenizer
         cache_file = None
         if model.weights_key and quantization == "int4":
-            cache_file = settings.cache_dir() / "quantized" / f"{model.weights_key}-int4.safetensors"
+            cache_file = (
+                settings.cache_dir()
+                / "quantized"
+                / f"{model.weights_key}-int4-v{quant.FORMAT_VERSION}.safetensors"
+            )
         self.quantization = quant.apply(model.module, quantization, cache_file)
         self.context = min(model.context_length, max_context or model.context_length)
         self.vocab_size = model.config.vocab_size
@@ -79,7 +83,10 @@ class Engine:
                 "Shorten the conversation or ask for fewer tokens.",
                 code="context_length_exceeded",
             )
-        params.validate(self.vocab_size)
+        try:
+            params.validate(self.vocab_size)
+        except ValueError as exc:
+            raise PromptError(str(exc), code="invalid_value") from None
         return params.max_tokens or room
 
     def add(self, prompt: list[int], params: SamplingParams) -> list[Sequence]:

@@ -27,6 +27,8 @@ from tertulia.errors import TertuliaError
 
 MODES = ("none", "int8", "int4")
 GROUP_SIZE = 32
+# Part of the on-disk cache name of quantized weights: bump when quantization output changes.
+FORMAT_VERSION = 2
 
 
 class Int4Linear(nn.Module):
@@ -110,10 +112,10 @@ _INT4_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 def _int4_from_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Install int4 layers from saved tensors (the names `module.state_dict()` gives them)."""
     for i, layer in enumerate(module.layers):
+        if f"layers.{i}.qkv_proj.packed" not in tensors:
+            continue  # this layer stayed float32 (see _quantize_int4)
         for name in _INT4_TARGETS:
             prefix = f"layers.{i}.{name}."
-            if prefix + "packed" not in tensors:
-                continue
             linear = getattr(layer, name)
             setattr(
                 layer,
@@ -129,13 +131,19 @@ def _int4_from_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> N
     module.lm_head = Int8Linear(tensors["lm_head.weight_int8"], tensors["lm_head.scale"])
 
 
+def _int4_compatible(linear: nn.Linear) -> bool:
+    """The packed kernel needs whole groups along the input and outputs in multiples of 16."""
+    return linear.in_features % GROUP_SIZE == 0 and linear.out_features % 16 == 0
+
+
 def _quantize_int4(module: nn.Module) -> None:
+    # A layer is converted whole or not at all: its matmul dtype switches to bf16 for every projection.
     for layer in module.layers:
-        for name in _INT4_TARGETS:
-            linear = getattr(layer, name)
-            if linear.in_features % GROUP_SIZE == 0:
+        linears = [getattr(layer, name) for name in _INT4_TARGETS]
+        if all(_int4_compatible(linear) for linear in linears):
+            for name, linear in zip(_INT4_TARGETS, linears, strict=True):
                 setattr(layer, name, Int4Linear.quantize(linear))
-        layer.matmul_dtype = torch.bfloat16
+            layer.matmul_dtype = torch.bfloat16
     module.lm_head = Int8Linear.quantize(module.lm_head)
 
 
@@ -158,8 +166,13 @@ def apply(module: nn.Module, mode: str, cache_file: Path | None = None) -> str:
     """
     if mode not in MODES:
         raise TertuliaError(f"Unknown quantization '{mode}'; choose one of {', '.join(MODES)}.")
-    if mode == "none":
-        return mode
+    current = getattr(module, "quantization", "none")
+    if current != "none" or mode == "none":
+        # "none" asks for no (further) quantization: report what the weights already are.
+        if mode not in ("none", current):
+            raise TertuliaError(f"This model was already quantized to {current}; load it again for {mode}.")
+        return current
+    module.quantization = mode
     if mode == "int4":
         if cache_file is not None and cache_file.exists():
             try:

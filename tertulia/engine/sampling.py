@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Ranges outside which sampling degenerates (inf/NaN logits); NaN fails every comparison and is refused.
+MAX_TEMPERATURE = 100.0
+GREEDY_BELOW = 1e-5
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+
 
 @dataclass
 class SamplingParams:
@@ -35,13 +40,16 @@ class SamplingParams:
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError with a message fit for an API error."""
         checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 <= self.temperature <= MAX_TEMPERATURE, f"temperature must be in [0, {MAX_TEMPERATURE}]"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (
+                MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+                f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}]",
+            ),
             (self.n >= 1, "n must be >= 1"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be >= 1"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
@@ -61,12 +69,14 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below this, dividing logits by the temperature overflows float32: it is argmax anyway.
+        return self.temperature < GREEDY_BELOW
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+    # Any integer seed is accepted (OpenAI's are int64, possibly negative): fold it into range.
+    generator.manual_seed(seed % 2**63 if seed is not None else secrets.randbits(63))
     return generator
 
 
@@ -118,7 +128,7 @@ def sample(
     greedy_tokens = logits.argmax(dim=-1)
     if all(p.greedy for p in params):
         return greedy_tokens
-    temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params])
+    temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params])
     logits = logits / temperature.unsqueeze(1)
     top_k = max(p.top_k for p in params)
     if top_k:

@@ -47,6 +47,13 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any]) -> ModelConfig:
         model_type = data.get("model_type", "llama")
+        if (
+            model_type not in SUPPORTED_MODEL_TYPES
+        ):  # before reading keys other architectures name differently
+            raise ModelLoadError(
+                f"Unsupported architecture '{model_type}'.",
+                f"Tertulia serves Llama-family models ({', '.join(SUPPORTED_MODEL_TYPES)}).",
+            )
         try:
             return cls(
                 model_type=model_type,

@@ -210,9 +210,10 @@ def _source_quantization(directory: Path) -> dict[str, int]:
         return {}
 
 
-# GGUF types whose blocks are 32 weights at 4 bits with a scale (and minimum): int4 groups of 32
-# represent them exactly, so serving them as int4 costs no quality beyond the file's own.
-_FOUR_BIT_TYPES = {"Q4_0", "Q4_1"}
+# GGUF types that int4 groups of 32 (scale + minimum from each group's range) reproduce: Q4_1 blocks
+# use their full 0..15 range, so the range gives back the block's own scale and minimum. (Q4_0 is
+# symmetric and rarely spans its range, so re-deriving it that way would add error: not chosen.)
+_FOUR_BIT_TYPES = {"Q4_1"}
 
 
 def pick_quantization(model: LoadedModel, requested: str = "auto") -> str:
@@ -248,7 +249,9 @@ def available() -> list[ModelEntry]:
     for path in sorted(settings.models_dir().iterdir()):
         if path.name in pulled_files or path.name.startswith("."):
             continue
-        if (path / "config.json").exists() or path.suffix == ".gguf":
+        if not path.exists():  # e.g. a broken symlink
+            continue
+        if (path / "config.json").exists() or (path.suffix == ".gguf" and path.is_file()):
             entries.append(ModelEntry(path.name, "local", str(path), _describe(path), True))
     return entries
 

@@ -151,6 +151,8 @@ class Tokenizer:
     # --- use ----------------------------------------------------------------------------------
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         """Token ids of `text`; control strings count as special tokens only if `allow_special`."""
+        # Lone surrogates (from undecodable input bytes) are not text the tokenizer accepts.
+        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
         with self._mode_lock:
             self._special.encode_special_tokens = not allow_special
             return self._special.encode(text, add_special_tokens=False).ids

@@ -65,7 +65,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(PromptError)
     async def prompt_error(_: Request, exc: PromptError) -> JSONResponse:
-        return envelope(400, str(exc), "invalid_request_error", "messages", exc.code)
+        param = None if exc.code == "invalid_value" else "messages"
+        return envelope(400, str(exc), "invalid_request_error", param, exc.code)
 
     @app.exception_handler(TertuliaError)
     async def tertulia_error(_: Request, exc: TertuliaError) -> JSONResponse:

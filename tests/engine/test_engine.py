@@ -184,7 +184,7 @@ def test_strong_repetition_penalty_never_repeats(make_tiny_model: MakeModel) -> 
     prompt = [500] * 6
     plain = generate(engine, prompt, greedy(40))[0]
     assert len(set(plain.output)) < len(plain.output), "the unpenalised run repeats itself"
-    penalised = generate(engine, prompt, greedy(40, repetition_penalty=1000.0))[0]
+    penalised = generate(engine, prompt, greedy(40, repetition_penalty=100.0))[0]
     assert len(set(penalised.output)) == len(penalised.output)
     assert 500 not in penalised.output
 
@@ -394,10 +394,18 @@ def test_empty_prompt_is_rejected(make_tiny_model: MakeModel) -> None:
 
 def test_bad_sampling_params_and_n_are_rejected(make_tiny_model: MakeModel) -> None:
     engine = Engine(make_tiny_model(), max_batch=2)
-    with pytest.raises(ValueError, match="top_p"):
+    with pytest.raises(PromptError, match="top_p") as info:
         engine.add(random_prompt(4), SamplingParams(top_p=0))
-    with pytest.raises(ValueError, match="logit_bias"):
+    assert info.value.code == "invalid_value"
+    with pytest.raises(PromptError, match="logit_bias"):
         engine.add(random_prompt(4), SamplingParams(logit_bias={49152: 1.0}))
+    for bad in (
+        SamplingParams(temperature=float("nan")),
+        SamplingParams(temperature=float("inf")),
+        SamplingParams(repetition_penalty=1e-40),
+    ):
+        with pytest.raises(PromptError):
+            engine.add(random_prompt(4), bad)
     with pytest.raises(PromptError, match="n=3"):
         engine.add(random_prompt(4), SamplingParams(n=3))
     assert not engine.has_work
@@ -632,6 +640,26 @@ def test_real_model_knows_the_capital_of_france(real_model: LoadedModel) -> None
     assert seq.finish_reason == "stop"
     assert seq.output[-1] in engine.stop_ids
     assert "<|im_end|>" not in seq.text
+
+
+def test_tiny_temperature_and_huge_seed_sample_fine(make_tiny_model: MakeModel) -> None:
+    engine = Engine(make_tiny_model(), max_batch=2)
+    tiny = generate(
+        engine, random_prompt(4), SamplingParams(temperature=1e-40, max_tokens=5, ignore_eos=True)
+    )[0]
+    greedy_run = generate(engine, random_prompt(4), greedy(5))[0]
+    assert tiny.output == greedy_run.output
+    seeded = SamplingParams(temperature=1.0, seed=-(2**70), n=2, max_tokens=3, ignore_eos=True)
+    assert all(len(s.output) == 3 for s in generate(engine, random_prompt(4), seeded))
+
+
+def test_int4_skips_layers_the_kernel_cannot_pack(make_tiny_model: MakeModel) -> None:
+    model = make_tiny_model(intermediate_size=100)  # down_proj has 100 inputs: not whole groups of 32
+    assert quant.apply(model.module, "int4") == "int4"
+    assert all(layer.matmul_dtype == torch.float32 for layer in model.module.layers)
+    assert len(generate(Engine(model, max_batch=1), random_prompt(4), greedy(3))[0].output) == 3
+    with pytest.raises(TertuliaError, match="already quantized"):
+        quant.apply(model.module, "int8")
 
 
 def test_int4_weights_cached_on_disk_reload_identically(make_tiny_model: MakeModel, tmp_path) -> None:
