@@ -11,6 +11,7 @@ from tertulia.cli.progress import LazyProgress
 from tertulia.engine.quant import MODES
 from tertulia.errors import TertuliaError
 from tertulia.providers.local import LocalProvider, ServedModel
+from tertulia.providers.remote import RemoteModel
 
 
 def _is_loopback(host: str) -> bool:
@@ -48,8 +49,11 @@ def run_server(
             "Bind 127.0.0.1, or pass --insecure if the network is trusted.",
         )
     err = Console(stderr=True, highlight=False)
-    served = []
+    served: list[ServedModel | RemoteModel] = []
     for spec in models:
+        if spec.startswith("remote:"):
+            served.append(RemoteModel.from_spec(spec, os.environ.get("TERTULIA_REMOTE_API_KEY")))
+            continue
         err.print(f"Loading {spec}…", style="dim")
         with LazyProgress(err) as progress:
             provider = LocalProvider.load(spec, quantization=quantize, max_batch=max_batch, progress=progress)

@@ -41,7 +41,8 @@ def create_app(
     app.state.max_queue = max_queue
     app.state.metrics = Metrics()
     for model in models:
-        app.state.metrics.watch(model)
+        if isinstance(model, ServedModel):
+            app.state.metrics.watch(model)
     app.add_middleware(GuardMiddleware, api_keys=set(api_keys or ()))
     errors.install(app)
     app.include_router(openai_api.router)

@@ -14,14 +14,17 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from tertulia.engine.runner import RequestStream
 from tertulia.engine.sequence import StepOutput, TokenLogprob
 from tertulia.providers.local import ServedModel
+from tertulia.providers.remote import RemoteModel
 from tertulia.server.errors import APIError
-from tertulia.server.openai_api import fingerprint, finish_reason, pick_model, router, sse
+from tertulia.server.openai_api import fingerprint, finish_reason, forward, pick_model, router, sse
 from tertulia.server.schemas import CompletionRequest
 
 
 @router.post("/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
     model = pick_model(request, body.model)
+    if isinstance(model, RemoteModel):
+        return await forward(model, "/completions", request, body.stream)
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo together with logprobs is not supported.", param="echo")
     params = body.to_sampling()

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from tertulia.errors import PromptError, TertuliaError
+from tertulia.providers.remote import UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,12 @@ def install(app: FastAPI) -> None:
         if exc.status == 429:
             response.headers["Retry-After"] = "1"
         return response
+
+    @app.exception_handler(UpstreamError)
+    async def upstream_error(_: Request, exc: UpstreamError) -> JSONResponse:
+        # A remote model's own error keeps its status (a 400 is still the client's fault); a
+        # failure to reach it is a 502.
+        return JSONResponse(exc.body, status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -15,6 +15,7 @@ from tertulia import __version__
 from tertulia.engine.runner import RequestStream
 from tertulia.engine.sequence import StepOutput, TokenLogprob
 from tertulia.providers.local import ServedModel
+from tertulia.providers.remote import RemoteModel
 from tertulia.server.errors import APIError
 from tertulia.server.limits import check_queue
 from tertulia.server.schemas import ChatCompletionRequest
@@ -26,7 +27,7 @@ def served_models(request: Request) -> dict[str, ServedModel]:
     return request.app.state.models
 
 
-def pick_model(request: Request, name: str, *, admit: bool = True) -> ServedModel:
+def pick_model(request: Request, name: str, *, admit: bool = True) -> ServedModel | RemoteModel:
     """The served model called `name` (404 otherwise); with `admit`, 429 when its queue is full."""
     models = served_models(request)
     if name not in models:
@@ -39,7 +40,7 @@ def pick_model(request: Request, name: str, *, admit: bool = True) -> ServedMode
         )
     model = models[name]
     request.app.state.metrics.requests.labels(name, request.url.path).inc()
-    if admit:
+    if admit and isinstance(model, ServedModel):
         check_queue(model.runner.pending, request.app.state.max_queue)
     return model
 
@@ -60,6 +61,19 @@ async def get_model(request: Request, name: str) -> dict[str, Any]:
     return model_card(name, request.app.state.started)
 
 
+async def forward(
+    model: RemoteModel, path: str, request: Request, stream: bool
+) -> JSONResponse | StreamingResponse:
+    """Pass a validated request to a remote model as the client sent it; relay the answer."""
+    raw = await request.json()
+    if stream:
+        events = await model.stream(path, raw)
+        return StreamingResponse(
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+    return JSONResponse(await model.complete(path, raw))
+
+
 def _logprob_content(tokenizer: Any, item: TokenLogprob) -> dict[str, Any]:
     def entry(token: int, logprob: float) -> dict[str, Any]:
         piece = tokenizer.token_bytes[token] if token < len(tokenizer.token_bytes) else None
@@ -72,6 +86,8 @@ def _logprob_content(tokenizer: Any, item: TokenLogprob) -> dict[str, Any]:
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
     model = pick_model(request, body.model)
+    if isinstance(model, RemoteModel):
+        return await forward(model, "/chat/completions", request, body.stream)
     if body.response_format is not None and body.response_format.type == "json_object":
         raise APIError(400, "response_format json_object is not supported yet.", param="response_format")
     try:

@@ -1,0 +1,103 @@
+"""A remote model: a second Tertulia server on loopback as the upstream of the first."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import openai
+import pytest
+
+from tertulia.engine.engine import Engine
+from tertulia.errors import TertuliaError
+from tertulia.providers.local import LocalProvider, ServedModel
+from tertulia.providers.remote import RemoteModel, parse_spec
+from tertulia.server.app import create_app
+from tests.server.conftest import running
+from tests.server.openapi_schema import validate
+
+QUESTION = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture
+def upstream_model(make_tiny_model) -> ServedModel:
+    return ServedModel(LocalProvider(Engine(make_tiny_model(), max_batch=4)))
+
+
+def remote(name: str, url: str, **extra: object) -> RemoteModel:
+    return RemoteModel(name, f"{url}/v1", backoff=0.01, **extra)  # type: ignore[arg-type]
+
+
+def test_spec_parsing() -> None:
+    assert parse_spec("remote:llama3@http://gpu:8000/v1/") == ("llama3", "http://gpu:8000/v1")
+    for bad in ("remote:llama3", "remote:@http://x", "remote:x@ftp://y"):
+        with pytest.raises(TertuliaError):
+            parse_spec(bad)
+
+
+def test_requests_pass_through_both_ways(upstream_model: ServedModel) -> None:
+    name = upstream_model.name
+    with running(create_app([upstream_model])) as up, running(create_app([remote(name, up)])) as front:
+        direct = openai.OpenAI(base_url=f"{up}/v1", api_key="x", max_retries=0)
+        proxied = openai.OpenAI(base_url=f"{front}/v1", api_key="x", max_retries=0)
+        assert [m.id for m in proxied.models.list().data] == [name]
+        params = dict(model=name, messages=QUESTION, temperature=0, max_tokens=12)
+        a = direct.chat.completions.create(**params)
+        b = proxied.chat.completions.create(**params)
+        assert b.choices[0].message.content == a.choices[0].message.content
+        assert b.usage.completion_tokens == a.usage.completion_tokens
+        validate(b.model_dump(exclude_unset=True), "CreateChatCompletionResponse")
+        streamed = proxied.chat.completions.create(**params, stream=True)
+        assert (
+            "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+            == a.choices[0].message.content
+        )
+        legacy = proxied.completions.create(model=name, prompt="Once upon", max_tokens=5, temperature=0)
+        assert (
+            legacy.choices[0].text
+            == direct.completions.create(model=name, prompt="Once upon", max_tokens=5, temperature=0)
+            .choices[0]
+            .text
+        )
+
+
+def test_upstream_errors_keep_their_status_and_envelope(upstream_model: ServedModel) -> None:
+    name = upstream_model.name
+    with running(create_app([upstream_model], api_keys={"k"})) as up:
+        with running(create_app([remote(name, up, api_key="k")])) as front:
+            long = [{"role": "user", "content": "word " * 400}]  # the tiny model's context is 256
+            response = httpx.post(f"{front}/v1/chat/completions", json={"model": name, "messages": long})
+            assert response.status_code == 400
+            assert response.json()["error"]["code"] == "context_length_exceeded"
+        with running(create_app([remote(name, up)])) as front:  # no key for the upstream
+            response = httpx.post(f"{front}/v1/chat/completions", json={"model": name, "messages": QUESTION})
+            assert response.status_code == 401
+            validate(response.json(), "ErrorResponse")
+
+
+def test_busy_upstream_is_retried_then_reported(upstream_model: ServedModel) -> None:
+    name = upstream_model.name
+    with running(create_app([upstream_model], max_queue=0)) as up:
+        with running(create_app([remote(name, up, retries=2)])) as front:
+            response = httpx.post(f"{front}/v1/chat/completions", json={"model": name, "messages": QUESTION})
+            assert response.status_code == 429
+            validate(response.json(), "ErrorResponse")
+        requests = [
+            line
+            for line in httpx.get(f"{up}/metrics").text.splitlines()
+            if line.startswith("tertulia_requests_total{")
+        ]
+        assert requests and float(requests[0].rsplit(" ", 1)[1]) == 3  # the first try and 2 retries
+
+
+def test_unreachable_upstream_is_a_502() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    with running(create_app([remote("ghost", f"http://127.0.0.1:{closed_port}", retries=1)])) as front:
+        for stream in (False, True):
+            body = {"model": "ghost", "messages": QUESTION, "stream": stream}
+            response = httpx.post(f"{front}/v1/chat/completions", json=body, timeout=30)
+            assert response.status_code == 502
+            validate(response.json(), "ErrorResponse")
+            assert "unreachable" in response.json()["error"]["message"]
