@@ -42,13 +42,14 @@ BENCH_STAMP := $(VENV)/.installed-bench
 LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF
 
 $(BENCH_STAMP): $(DEV_STAMP)
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PIP) install --quiet llama-cpp-python==0.3.36 \
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PIP) install --quiet "llama-cpp-python[server]==0.3.36" \
 		|| echo "llama-cpp-python could not be built: benchmarks will skip that peer"
 	$(PIP) install --quiet --no-deps chatterbot-corpus==1.3.3
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/serve_load.py
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check tertulia tests benchmarks
