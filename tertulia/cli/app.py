@@ -111,6 +111,8 @@ def serve(
         port=port,
         max_batch=max_batch,
         quantize=quantize,
+        api_keys=api_key or [],
+        max_queue=max_queue,
         insecure=insecure,
     )
 

@@ -1,0 +1,69 @@
+"""`tertulia serve` as a user starts it: a real process on loopback, with an API key."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_answers_with_a_key_and_stops_on_sigterm(embedded_dir) -> None:
+    port = free_port()
+    env = dict(os.environ, TERTULIA_API_KEYS="k1,k2")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tertulia", "serve", "--port", str(port), "--max-batch", "4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k2", max_retries=0)
+        reply = client.chat.completions.create(
+            model="smollm2-135m",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0,
+        )
+        assert "Paris" in reply.choices[0].message.content
+    finally:
+        process.terminate()
+        code = process.wait(30)
+    # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status says how it ended.
+    assert code in (0, -15)
+    assert "Traceback" not in (process.stderr.read() if process.stderr else "")
+
+
+def test_serve_refuses_a_public_address_without_keys() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tertulia", "serve", "--host", "0.0.0.0", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "TERTULIA_API_KEYS"},
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: Refusing to serve on 0.0.0.0")
