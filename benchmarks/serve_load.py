@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import statistics
@@ -84,10 +85,11 @@ async def one(client: httpx.AsyncClient, base: str, model: str, topic: str, toke
     last = started
     async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
         async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]" or '"content":""' in line:
+            if not line.startswith("data: {"):
                 continue
-            if '"content"' not in line:
-                continue
+            choices = json.loads(line[len("data: ") :]).get("choices") or [{}]
+            if not (choices[0].get("delta") or {}).get("content"):
+                continue  # the role chunk, finish chunk or usage chunk: not a token
             now = time.perf_counter()
             if sample is None:
                 sample = Sample(ttft=now - started)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
+import threading
+from typing import Any
 
 from rich.console import Console
 
@@ -63,4 +66,27 @@ def run_server(
         raise TertuliaError(f"Two models share a name ({', '.join(names)}).", "Serve each model once.")
     err.print(f"Tertulia serving {', '.join(names)} at http://{host}:{port}/v1", style="bold")
     app = create_app(served, api_keys=keys, max_queue=max_queue)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+    _serve(uvicorn.Server(config), next((m for m in served if isinstance(m, ServedModel)), None))
+
+
+def _serve(server: Any, main_model: ServedModel | None) -> None:
+    """HTTP in a background thread, the (first) engine loop on the main thread (see EngineRunner.run_here)."""
+    if main_model is None:
+        server.run()
+        return
+    main_model.external_loop = True
+    http = threading.Thread(target=server.run, name="tertulia-http", daemon=True)
+
+    def request_exit(*_: object) -> None:
+        server.should_exit = True
+
+    def stop_engine_when_http_ends() -> None:
+        http.join()
+        main_model.runner.stop()
+
+    signal.signal(signal.SIGINT, request_exit)
+    signal.signal(signal.SIGTERM, request_exit)
+    http.start()
+    threading.Thread(target=stop_engine_when_http_ends, daemon=True).start()
+    main_model.runner.run_here()

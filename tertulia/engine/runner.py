@@ -80,11 +80,21 @@ class EngineRunner:
     def start(self) -> None:
         self._thread.start()
 
+    def run_here(self) -> None:
+        """Run the engine loop in the calling thread until `stop()`.
+
+        Prefer this from the main thread: OpenMP gives a second thread's team of workers only a
+        throttled spin-wait (more threads than cores once the main thread has used torch), which
+        halved decode speed when the engine ran in a background thread.
+        """
+        self._run()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Finish nothing new: end running requests (finish_reason 'abort') and join the thread."""
         self._stopping = True
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     @property
     def pending(self) -> int:

@@ -65,9 +65,12 @@ class ServedModel:
         self.provider = provider
         self.name = provider.name
         self.runner = EngineRunner(provider.engine)
+        # When True, the caller runs the engine loop itself (runner.run_here), on the main thread.
+        self.external_loop = False
 
     def start(self) -> None:
-        self.runner.start()
+        if not self.external_loop:
+            self.runner.start()
 
     def stop(self) -> None:
         self.runner.stop()
