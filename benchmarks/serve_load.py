@@ -166,6 +166,9 @@ def main() -> None:
                     "8192",
                     "--port",
                     str(port),
+                    # By default a new request interrupts the running one; queue them instead.
+                    "--interrupt_requests",
+                    "False",
                 ],
                 f"http://127.0.0.1:{port}/v1/models",
             ),
