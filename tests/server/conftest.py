@@ -42,7 +42,7 @@ class LiveServer:
         return False
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -51,7 +51,7 @@ def _free_port() -> int:
 @contextmanager
 def running(app: FastAPI) -> Iterator[str]:
     """Serve `app` with uvicorn on a free loopback port for the duration of the block; yields its URL."""
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import httpx
 import openai
 import pytest
@@ -13,7 +11,7 @@ from tertulia.errors import TertuliaError
 from tertulia.providers.local import LocalProvider, ServedModel
 from tertulia.providers.remote import RemoteModel, parse_spec
 from tertulia.server.app import create_app
-from tests.server.conftest import running
+from tests.server.conftest import free_port, running
 from tests.server.openapi_schema import validate
 
 QUESTION = [{"role": "user", "content": "hello there"}]
@@ -91,9 +89,7 @@ def test_busy_upstream_is_retried_then_reported(upstream_model: ServedModel) -> 
 
 
 def test_unreachable_upstream_is_a_502() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed_port = sock.getsockname()[1]
+    closed_port = free_port()  # bound and released: nothing listens there
     with running(create_app([remote("ghost", f"http://127.0.0.1:{closed_port}", retries=1)])) as front:
         for stream in (False, True):
             body = {"model": "ghost", "messages": QUESTION, "stream": stream}
