@@ -63,6 +63,8 @@ class Engine:
         self.cache = KVCache(model.config, max_batch, self.context, device=self.device)
         self.max_batch = max_batch
         self.waiting: deque[list[Sequence]] = deque()
+        self.prefilling: list[Sequence] | None = None  # the group whose prompt is being prefilled
+        self.prefilled = 0  # how many of its prompt tokens are in the cache
         self.running: list[Sequence] = []
         self.stats = EngineStats()
         self._groups = itertools.count()
@@ -116,21 +118,43 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.prefilling or self.running)
 
     # --- stepping -----------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        """Prefill up to PREFILL_CHUNK prompt tokens (whole chunks), then decode every running sequence.
+
+        A long prompt is prefilled over several steps, so the streams already running keep getting
+        tokens meanwhile. Chunk boundaries are fixed per prompt (multiples of PREFILL_CHUNK), so a
+        request computes the same numbers whatever else is in flight.
+        """
         outputs: list[StepOutput] = []
         decoding = list(self.running)
-        while self.waiting and len(self.waiting[0]) <= self.cache.free_slots:
-            group = [s for s in self.waiting.popleft() if s.status is Status.WAITING]
-            if group:
-                outputs += self._prefill(group)
+        budget = PREFILL_CHUNK
+        while budget > 0:
+            if self.prefilling is None and not self._admit():
+                break
+            produced, used = self._prefill_chunk()
+            outputs += produced
+            budget -= used
         if decoding:
             outputs += self._decode(decoding)
         self._release_finished()
         return outputs
+
+    def _admit(self) -> bool:
+        """Start prefilling the next waiting group if its slots are free."""
+        while self.waiting and len(self.waiting[0]) <= self.cache.free_slots:
+            group = [s for s in self.waiting.popleft() if s.status is Status.WAITING]
+            if not group:
+                continue
+            for seq in group:
+                seq.slot = self.cache.allocate()
+            self.cache.reserve(len(group[0].prompt) + 1)
+            self.prefilling, self.prefilled = group, 0
+            return True
+        return False
 
     def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[StepOutput]:
         """Run one request to completion, yielding outputs as they are produced."""
@@ -143,29 +167,42 @@ class Engine:
         finally:
             self.abort(sequences)
 
-    def _prefill(self, group: list[Sequence]) -> list[StepOutput]:
-        first = group[0]
-        first.slot = self.cache.allocate()
+    def _prefill_chunk(self) -> tuple[list[StepOutput], int]:
+        """Run the prefilling group's next chunk; when its prompt is done, sample first tokens."""
+        group = self.prefilling
+        assert group is not None
+        if all(s.status is Status.FINISHED for s in group):  # aborted while prefilling
+            self._end_prefill(group)
+            return [], 0
+        first, start = group[0], self.prefilled
         prompt = first.prompt
-        self.cache.reserve(len(prompt) + 1)
-        hidden = None
-        for start in range(0, len(prompt), PREFILL_CHUNK):
-            chunk = prompt[start : start + PREFILL_CHUNK]
-            hidden = self.model.module(
-                torch.tensor(chunk, device=self.device),
-                torch.arange(start, start + len(chunk), device=self.device),
-                PrefillAttention(self.cache, first.slot, start, len(chunk)),
-            )
-        assert hidden is not None
+        chunk = prompt[start : start + PREFILL_CHUNK]
+        hidden = self.model.module(
+            torch.tensor(chunk, device=self.device),
+            torch.arange(start, start + len(chunk), device=self.device),
+            PrefillAttention(self.cache, first.slot, start, len(chunk)),
+        )
+        self.prefilled += len(chunk)
+        if self.prefilled < len(prompt):
+            return [], len(chunk)
         logits = self.model.module.compute_logits(hidden[-1:]).cpu()
         for seq in group[1:]:
-            seq.slot = self.cache.allocate()
             self.cache.copy_prefix(first.slot, seq.slot, len(prompt))
         self.stats.prompt_tokens += len(prompt)
-        for seq in group:
+        self._end_prefill(group)
+        alive = [s for s in group if s.status is Status.WAITING]
+        for seq in alive:
             seq.status = Status.RUNNING
             self.running.append(seq)
-        return self._sample(group, logits.expand(len(group), -1).clone())
+        return self._sample(alive, logits.expand(len(alive), -1).clone()) if alive else [], len(chunk)
+
+    def _end_prefill(self, group: list[Sequence]) -> None:
+        """The group leaves the prefill stage; slots of its finished (aborted) members are freed."""
+        self.prefilling = None
+        for seq in group:
+            if seq.status is Status.FINISHED and seq.slot is not None:
+                self.cache.release(seq.slot)
+                seq.slot = None
 
     def _decode(self, sequences: list[Sequence]) -> list[StepOutput]:
         started = time.perf_counter()

@@ -675,3 +675,39 @@ def test_int4_weights_cached_on_disk_reload_identically(make_tiny_model: MakeMod
         for a, b in zip(first.module.layers, second.module.layers, strict=True):
             h = torch.randn(16, first.config.hidden_size).bfloat16()
             assert torch.equal(a.qkv_proj(h), b.qkv_proj(h))
+
+
+def test_long_prompt_prefills_in_chunks_while_others_keep_decoding(make_tiny_model: MakeModel) -> None:
+    from tertulia.engine.engine import PREFILL_CHUNK
+
+    model = make_tiny_model(max_position_embeddings=4096)
+    long_prompt = random_prompt(3 * PREFILL_CHUNK - 10, seed=3)
+    solo_long = generate(Engine(model, max_batch=2), long_prompt, greedy(6))[0].output
+    solo_short = generate(Engine(model, max_batch=2), random_prompt(5), greedy(12))[0].output
+
+    engine = Engine(model, max_batch=2)
+    short = engine.add(random_prompt(5), greedy(12))[0]
+    engine.step()
+    long = engine.add(long_prompt, greedy(6))[0]
+    for expected_chunks in (1, 2):
+        before = len(short.output)
+        engine.step()
+        assert len(short.output) == before + 1, "the running stream got its token during the prefill"
+        assert long.output == [] and engine.prefilled == expected_chunks * PREFILL_CHUNK
+    engine.step()
+    assert len(long.output) == 1
+    run(engine)
+    assert long.output == solo_long and short.output == solo_short
+
+
+def test_abort_during_prefill_frees_the_slots(make_tiny_model: MakeModel) -> None:
+    from tertulia.engine.engine import PREFILL_CHUNK
+
+    engine = Engine(make_tiny_model(max_position_embeddings=4096), max_batch=3)
+    sequences = engine.add(random_prompt(2 * PREFILL_CHUNK + 5), greedy(4, n=2))
+    engine.step()
+    assert engine.prefilling is not None and engine.cache.free_slots == 1
+    engine.abort(sequences)
+    run(engine)
+    assert engine.cache.free_slots == 3 and engine.prefilling is None
+    assert all(s.finish_reason == "abort" and s.output == [] for s in sequences)
