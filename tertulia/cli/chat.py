@@ -9,7 +9,7 @@ from rich.console import Console
 
 from tertulia.chat.session import ChatSession
 from tertulia.cli.progress import LazyProgress
-from tertulia.engine.quant import MODES
+from tertulia.engine.quant import check_mode
 from tertulia.engine.sampling import MAX_TEMPERATURE, SamplingParams
 from tertulia.errors import PromptError, TertuliaError
 from tertulia.i18n import t
@@ -40,8 +40,7 @@ def run_chat(
         params.validate(vocab_size=1 << 30)
     except ValueError as exc:
         raise PromptError(str(exc)) from None
-    if quantize not in ("auto", *MODES):
-        raise PromptError(f"Unknown quantization '{quantize}'; choose auto, {', '.join(MODES)}.")
+    check_mode(quantize, allow_auto=True)
     if prompt is not None and not prompt.strip():
         raise PromptError("The prompt is empty.", "Pass some text with -p.")
     if prompt is None:

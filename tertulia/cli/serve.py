@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 
 from tertulia.cli.progress import LazyProgress
-from tertulia.engine.quant import MODES
+from tertulia.engine.quant import check_mode
 from tertulia.errors import TertuliaError
 from tertulia.providers.local import LocalProvider, ServedModel
 from tertulia.providers.remote import RemoteModel
@@ -41,8 +41,7 @@ def run_server(
 
     from tertulia.server.app import create_app
 
-    if quantize not in ("auto", *MODES):
-        raise TertuliaError(f"Unknown quantization '{quantize}'; choose auto, {', '.join(MODES)}.")
+    check_mode(quantize, allow_auto=True)
     keys = set(api_keys) | {
         k.strip() for k in os.environ.get("TERTULIA_API_KEYS", "").split(",") if k.strip()
     }

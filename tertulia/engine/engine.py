@@ -8,10 +8,8 @@ decodes one token for every running sequence. `generate` drives steps for a sing
 from __future__ import annotations
 
 import itertools
-import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
@@ -25,14 +23,6 @@ from tertulia.models.registry import LoadedModel
 
 # Prompts are prefilled in chunks so attention scores stay small for long prompts.
 PREFILL_CHUNK = 512
-
-
-@dataclass
-class EngineStats:
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    decode_seconds: float = 0.0
-    decode_steps: int = 0
 
 
 class Engine:
@@ -66,7 +56,6 @@ class Engine:
         self.prefilling: list[Sequence] | None = None  # the group whose prompt is being prefilled
         self.prefilled = 0  # how many of its prompt tokens are in the cache
         self.running: list[Sequence] = []
-        self.stats = EngineStats()
         self._groups = itertools.count()
 
     # --- requests -----------------------------------------------------------------------------
@@ -188,7 +177,6 @@ class Engine:
         logits = self.model.module.compute_logits(hidden[-1:]).cpu()
         for seq in group[1:]:
             self.cache.copy_prefix(first.slot, seq.slot, len(prompt))
-        self.stats.prompt_tokens += len(prompt)
         self._end_prefill(group)
         alive = [s for s in group if s.status is Status.WAITING]
         for seq in alive:
@@ -205,7 +193,6 @@ class Engine:
                 seq.slot = None
 
     def _decode(self, sequences: list[Sequence]) -> list[StepOutput]:
-        started = time.perf_counter()
         sequences = [s for s in sequences if s.status is Status.RUNNING]
         if not sequences:
             return []
@@ -217,8 +204,6 @@ class Engine:
             DecodeAttention(self.cache, [s.slot for s in sequences], positions),
         )
         outputs = self._sample(sequences, self.model.module.compute_logits(hidden).cpu())
-        self.stats.decode_seconds += time.perf_counter() - started
-        self.stats.decode_steps += 1
         return outputs
 
     def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
@@ -234,7 +219,6 @@ class Engine:
         outputs = []
         for row, (seq, token) in enumerate(zip(sequences, token_list, strict=True)):
             text = seq.append(token, self.stop_ids, self.context)
-            self.stats.generated_tokens += 1
             logprob = None
             if logprob_rows is not None and want_logprobs[row]:
                 chosen, alternatives = logprob_rows[row]

@@ -158,14 +158,20 @@ def _quantized_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in tensors.items()}
 
 
+def check_mode(mode: str, *, allow_auto: bool = False) -> None:
+    """Refuse unknown modes with a one-line error ('auto' is resolved by the registry)."""
+    allowed = ("auto", *MODES) if allow_auto else MODES
+    if mode not in allowed:
+        raise TertuliaError(f"Unknown quantization '{mode}'; choose one of {', '.join(allowed)}.")
+
+
 def apply(module: nn.Module, mode: str, cache_file: Path | None = None) -> str:
     """Quantize `module` in place for serving; return the mode applied.
 
     With `cache_file`, int4 weights are saved after the first quantization and read back on later
     loads: packing takes about half a second for the default model, reading it a few milliseconds.
     """
-    if mode not in MODES:
-        raise TertuliaError(f"Unknown quantization '{mode}'; choose one of {', '.join(MODES)}.")
+    check_mode(mode)
     current = getattr(module, "quantization", "none")
     if current != "none" or mode == "none":
         # "none" asks for no (further) quantization: report what the weights already are.

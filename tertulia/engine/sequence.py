@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -53,9 +52,6 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
-    created: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    finished_at: float | None = None
 
     def __post_init__(self) -> None:
         # n > 1 with a seed: each choice gets its own stream, derived from the seed and its index.
@@ -72,8 +68,6 @@ class Sequence:
 
     def append(self, token: int, stop_ids: set[int], context: int) -> str:
         """Record a sampled token; decide whether the sequence ends; return the text to emit."""
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
         self.output.append(token)
         self.history.add(token)
         # ignore_eos skips the model's own end tokens; explicit stop_token_ids always stop.
@@ -94,7 +88,6 @@ class Sequence:
     def _finish(self, reason: str) -> str:
         self.status = Status.FINISHED
         self.finish_reason = reason
-        self.finished_at = time.perf_counter()
         tail = (
             "" if self.stopper.stopped else self.stopper.push(self.detokenizer.flush()) + self.stopper.flush()
         )
