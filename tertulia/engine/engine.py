@@ -1,13 +1,20 @@
 """The engine: prefill new prompts, then decode every running sequence in one batched forward.
 
 `add` queues a request (n sequences sharing one prompt); each `step` admits waiting requests while
-KV slots are free (prefilling the shared prompt once and copying it to the other n-1 slots), then
-decodes one token for every running sequence. `generate` drives steps for a single request.
+there is room in the batch and in the KV memory budget (the n choices share the prompt's blocks, and a
+prompt that starts like an earlier one reuses its cached blocks), prefills, then decodes one token for
+every running sequence. `generate` drives steps for a single request.
+
+When decode needs a block and the budget is spent, the most recently admitted sequence is preempted:
+its blocks are freed and it waits at the head of the queue, to be recomputed (prompt plus what it has
+generated) when memory frees up. The alternative, reserving a request's whole maximum length up front,
+would leave most of the budget idle.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 from collections import deque
 from collections.abc import Iterator
 
@@ -15,14 +22,26 @@ import torch
 
 from tertulia import config as settings
 from tertulia.engine import quant
-from tertulia.engine.kv_cache import DecodeAttention, KVCache, PrefillAttention
+from tertulia.engine.blocks import BLOCK_SIZE, OutOfBlocks
+from tertulia.engine.json_mode import JsonConstraint, JsonGrammar
+from tertulia.engine.kv_cache import DecodeAttention, KVCache, PrefillAttention, bytes_per_position
 from tertulia.engine.sampling import SamplingParams, sample, top_logprobs
 from tertulia.engine.sequence import Sequence, Status, StepOutput, TokenLogprob
-from tertulia.errors import PromptError
+from tertulia.errors import PromptError, TertuliaError
 from tertulia.models.registry import LoadedModel
 
 # Prompts are prefilled in chunks so attention scores stay small for long prompts.
 PREFILL_CHUNK = 512
+
+
+def default_kv_memory(model: LoadedModel, max_batch: int, context: int) -> int:
+    """Enough for every sequence at full context, but at most a quarter of the machine's memory."""
+    wanted = max_batch * context * bytes_per_position(model.config)
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return wanted
+    return min(wanted, physical // 4)
 
 
 class Engine:
@@ -33,6 +52,8 @@ class Engine:
         max_batch: int = 16,
         max_context: int | None = None,
         quantization: str = "none",
+        kv_memory: int | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
@@ -44,19 +65,40 @@ class Engine:
                 / f"{model.weights_key}-int4-v{quant.FORMAT_VERSION}.safetensors"
             )
         self.quantization = quant.apply(model.module, quantization, cache_file)
-        self.context = min(model.context_length, max_context or model.context_length)
-        self.vocab_size = model.config.vocab_size
-        self.stop_ids = self.tokenizer.end_of_turn_ids() | set(model.config.eos_ids)
+        context = min(model.context_length, max_context or model.context_length)
+        memory = kv_memory or default_kv_memory(model, max_batch, context)
+        block_bytes = bytes_per_position(model.config) * BLOCK_SIZE
+        if memory < block_bytes * 2:
+            raise TertuliaError(
+                f"KV memory of {memory} bytes is too small for this model.",
+                f"Give at least {2 * block_bytes} bytes (two blocks of 16 positions).",
+            )
         # CPU by default; a model moved to CUDA/MPS runs there (sampling stays on the CPU: it is
         # per-request Python logic over one row of logits per sequence).
         self.device = model.module.embed_tokens.weight.device
-        self.cache = KVCache(model.config, max_batch, self.context, device=self.device)
+        self.cache = KVCache(model.config, memory // block_bytes, device=self.device)
+        self.blocks = self.cache.allocator
+        # A sequence must fit in the budget on its own, so the budget also bounds the context.
+        self.context = min(context, self.cache.positions)
+        self.vocab_size = model.config.vocab_size
+        self.stop_ids = self.tokenizer.end_of_turn_ids() | set(model.config.eos_ids)
         self.max_batch = max_batch
+        self.prefix_cache = prefix_cache
         self.waiting: deque[list[Sequence]] = deque()
         self.prefilling: list[Sequence] | None = None  # the group whose prompt is being prefilled
         self.prefilled = 0  # how many of its prompt tokens are in the cache
         self.running: list[Sequence] = []
+        self.preemptions = 0
         self._groups = itertools.count()
+        self._admissions = itertools.count()
+        self._json_grammar: JsonGrammar | None = None
+
+    @property
+    def json_grammar(self) -> JsonGrammar:
+        """Built on the first JSON-mode request (sorting the vocabulary takes a moment)."""
+        if self._json_grammar is None:
+            self._json_grammar = JsonGrammar(self.tokenizer.token_bytes)
+        return self._json_grammar
 
     # --- requests -----------------------------------------------------------------------------
     def check_prompt(self, prompt: list[int], params: SamplingParams) -> int:
@@ -73,6 +115,11 @@ class Engine:
                 f"{wanted} more were requested ({len(prompt) + wanted} in all).",
                 "Shorten the conversation or ask for fewer tokens.",
                 code="context_length_exceeded",
+            )
+        if self._blocks_to_admit(len(prompt), params.n) > self.blocks.num_blocks:
+            raise PromptError(
+                f"n={params.n} copies of a {len(prompt)}-token prompt do not fit in the KV memory budget.",
+                "Ask for fewer choices, or start the server with more --kv-memory.",
             )
         try:
             params.validate(self.vocab_size)
@@ -92,6 +139,7 @@ class Engine:
                 vocab_size=self.vocab_size,
                 index=i,
                 group=group,
+                constraint=JsonConstraint(self.json_grammar) if params.json_object else None,
             )
             for i in range(params.n)
         ]
@@ -99,7 +147,7 @@ class Engine:
         return sequences
 
     def abort(self, sequences: list[Sequence]) -> None:
-        """Stop sequences now (client gone, Stop pressed) and free their slots."""
+        """Stop sequences now (client gone, Stop pressed) and free their blocks."""
         for seq in sequences:
             seq.abort()
         self.waiting = deque(g for g in self.waiting if any(s.status is Status.WAITING for s in g))
@@ -108,6 +156,11 @@ class Engine:
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running)
+
+    @property
+    def idle(self) -> bool:
+        """No request in flight and no block held (cached prompt blocks do not count)."""
+        return not self.has_work and self.blocks.used == 0
 
     # --- stepping -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -132,16 +185,39 @@ class Engine:
         self._release_finished()
         return outputs
 
+    def _blocks_to_admit(self, length: int, n: int) -> int:
+        """Blocks a group needs to start: its prompt once, plus its own last block for each other choice."""
+        return self.blocks.blocks_for(length) + (n - 1 if length % self.blocks.block_size else 0)
+
     def _admit(self) -> bool:
-        """Start prefilling the next waiting group if its slots are free."""
-        while self.waiting and len(self.waiting[0]) <= self.cache.free_slots:
-            group = [s for s in self.waiting.popleft() if s.status is Status.WAITING]
+        """Start prefilling the next waiting group if the batch and the KV budget have room for it."""
+        while self.waiting:
+            group = [s for s in self.waiting[0] if s.status is Status.WAITING]
             if not group:
+                self.waiting.popleft()
                 continue
+            if len(self.running) + len(group) > self.max_batch:
+                return False
+            tokens = group[0].cached_tokens
+            shared = self.blocks.lookup(tokens) if self.prefix_cache else []
+            fresh = self._blocks_to_admit(len(tokens), len(group)) - len(shared)
+            if fresh > self.blocks.available:
+                self.blocks.release(shared)
+                return False
+            self.waiting.popleft()
+            self.blocks.hits += len(shared)
+            first = group[0]
+            first.blocks = list(shared)
+            while len(first.blocks) < self.blocks.blocks_for(len(tokens)):
+                first.blocks.append(self.blocks.allocate(first.blocks[-1] if first.blocks else None))
+            full = len(tokens) // self.blocks.block_size
+            for seq in group[1:]:
+                seq.blocks = [self.blocks.share(b) for b in first.blocks[:full]]
+                if len(first.blocks) > full:
+                    seq.blocks.append(self.blocks.allocate())
             for seq in group:
-                seq.slot = self.cache.allocate()
-            self.cache.reserve(len(group[0].prompt) + 1)
-            self.prefilling, self.prefilled = group, 0
+                seq.admitted = next(self._admissions)
+            self.prefilling, self.prefilled = group, len(shared) * self.blocks.block_size
             return True
         return False
 
@@ -164,53 +240,86 @@ class Engine:
             self._end_prefill(group)
             return [], 0
         first, start = group[0], self.prefilled
-        prompt = first.prompt
-        chunk = prompt[start : start + PREFILL_CHUNK]
+        tokens = first.cached_tokens
+        # Chunks end at multiples of PREFILL_CHUNK, wherever the prefix cache let prefill start.
+        end = min(len(tokens), (start // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
         hidden = self.model.module(
-            torch.tensor(chunk, device=self.device),
-            torch.arange(start, start + len(chunk), device=self.device),
-            PrefillAttention(self.cache, first.slot, start, len(chunk)),
+            torch.tensor(tokens[start:end], device=self.device),
+            torch.arange(start, end, device=self.device),
+            PrefillAttention(self.cache, first.blocks, start, end - start),
         )
-        self.prefilled += len(chunk)
-        if self.prefilled < len(prompt):
-            return [], len(chunk)
-        logits = self.model.module.compute_logits(hidden[-1:]).cpu()
+        self.prefilled = end
+        if end < len(tokens):
+            return [], end - start
+        if self.prefix_cache:
+            self.blocks.register(tokens, first.blocks)
+        full = len(tokens) // self.blocks.block_size
         for seq in group[1:]:
-            self.cache.copy_prefix(first.slot, seq.slot, len(prompt))
+            if len(seq.blocks) > full:
+                self.cache.copy_block(first.blocks[full], seq.blocks[full])
         self._end_prefill(group)
         alive = [s for s in group if s.status is Status.WAITING]
         for seq in alive:
             seq.status = Status.RUNNING
             self.running.append(seq)
-        return self._sample(alive, logits.expand(len(alive), -1).clone()) if alive else [], len(chunk)
+        if first.output:  # a preempted sequence, recomputed: its next token is already sampled
+            return [], end - start
+        logits = self.model.module.compute_logits(hidden[-1:]).cpu()
+        return self._sample(alive, logits.expand(len(alive), -1).clone()) if alive else [], end - start
 
     def _end_prefill(self, group: list[Sequence]) -> None:
-        """The group leaves the prefill stage; slots of its finished (aborted) members are freed."""
+        """The group leaves the prefill stage; blocks of its finished (aborted) members are freed."""
         self.prefilling = None
         for seq in group:
-            if seq.status is Status.FINISHED and seq.slot is not None:
-                self.cache.release(seq.slot)
-                seq.slot = None
+            if seq.status is Status.FINISHED:
+                self._free(seq)
+
+    def _free(self, seq: Sequence) -> None:
+        self.blocks.release(seq.blocks)
+        seq.blocks = []
+
+    def _grow(self, sequences: list[Sequence]) -> list[Sequence]:
+        """Give each sequence the block its next position needs, preempting when memory is short."""
+        for seq in sorted(sequences, key=lambda s: s.admitted):
+            while seq.status is Status.RUNNING and self.blocks.blocks_for(seq.length) > len(seq.blocks):
+                try:
+                    seq.blocks.append(self.blocks.allocate(seq.blocks[-1]))
+                except OutOfBlocks:
+                    self._preempt(max(self.running, key=lambda s: s.admitted))
+        return [s for s in sequences if s.status is Status.RUNNING]
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks; it waits first in line, to be recomputed."""
+        self._free(seq)
+        self.running.remove(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft([seq])
+        self.preemptions += 1
 
     def _decode(self, sequences: list[Sequence]) -> list[StepOutput]:
-        sequences = [s for s in sequences if s.status is Status.RUNNING]
+        sequences = self._grow([s for s in sequences if s.status is Status.RUNNING])
         if not sequences:
             return []
         positions = [s.length - 1 for s in sequences]
-        self.cache.reserve(max(positions) + 2)
         hidden = self.model.module(
             torch.tensor([s.output[-1] for s in sequences], device=self.device),
             torch.tensor(positions, device=self.device),
-            DecodeAttention(self.cache, [s.slot for s in sequences], positions),
+            DecodeAttention(self.cache, [s.blocks for s in sequences], positions),
         )
-        outputs = self._sample(sequences, self.model.module.compute_logits(hidden).cpu())
-        return outputs
+        return self._sample(sequences, self.model.module.compute_logits(hidden).cpu())
 
     def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
         params = [s.params for s in sequences]
         want_logprobs = [p.logprobs is not None for p in params]
         raw = logits.clone() if any(want_logprobs) else None
-        tokens = sample(logits, params, [s.history for s in sequences], [s.generator for s in sequences])
+        allowed = [s.constraint.mask() if s.constraint else None for s in sequences]
+        tokens = sample(
+            logits,
+            params,
+            [s.history for s in sequences],
+            [s.generator for s in sequences],
+            allowed if any(m is not None for m in allowed) else None,
+        )
         token_list = tokens.tolist()
         logprob_rows = None
         if raw is not None:
@@ -230,9 +339,7 @@ class Engine:
         still = []
         for seq in self.running:
             if seq.status is Status.FINISHED:
-                if seq.slot is not None:
-                    self.cache.release(seq.slot)
-                    seq.slot = None
+                self._free(seq)
             else:
                 still.append(seq)
         self.running = still

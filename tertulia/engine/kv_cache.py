@@ -1,103 +1,137 @@
-"""A KV cache of fixed slots, and the attention that reads and writes it.
+"""The paged KV cache, and the attention that reads and writes it.
 
-Each running sequence owns one slot: a [layers, kv_heads, length, head_dim] region for keys and
-values. Prefill writes a run of positions of one slot; decode writes one position in each of several
-slots and attends over each slot's own length (masked), in one batched call per layer.
+Keys and values live in one pool of positions per layer, [kv_heads, positions, head_dim], cut into
+blocks (see blocks.py). A sequence's position p lives at pool position table[p // B] * B + p % B. When
+a sequence's blocks happen to be consecutive (the usual case for a lone stream) attention reads the pool
+in place; otherwise it gathers the sequence's positions first.
 
-Memory grows with use: the cache starts short and doubles its length (up to the model's context) when a
-sequence needs more, so a chat that stays short never pays for an 8k-token context.
+The pool is allocated as lazily zeroed memory: the budget (`--kv-memory`) bounds it, but the process
+only pays for the blocks it has written to. Every position therefore holds finite numbers, which
+matters because decode attention reads (masked) positions past a sequence's end.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tertulia.engine.blocks import BLOCK_SIZE, BlockAllocator
 from tertulia.models.config import ModelConfig
+
+# Decode attention runs over a sequence's length rounded up to this many positions, masked. Sequences
+# in the same bucket share one attention call; a lone sequence computes exactly the same thing, so
+# what a request generates does not depend on what else is in the batch.
+DECODE_BUCKET = 128
+
+
+def bytes_per_position(config: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
+    """KV memory one token costs across all layers (keys and values)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
+
+
+def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    # numpy's zeros is calloc: the kernel maps zero pages on first touch, so untouched blocks cost
+    # no memory (torch.zeros would write, and so commit, the whole budget at start-up).
+    count = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(count, dtype=np.uint8)).view(dtype).view(shape)
 
 
 class KVCache:
     def __init__(
         self,
         config: ModelConfig,
-        slots: int,
-        max_len: int,
+        num_blocks: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        # One tensor per layer (a Python list, not a [layers, ...] tensor): indexing a list costs no
-        # tensor dispatch, and decode indexes the cache twice per layer per token.
-        shape = (slots, config.num_key_value_heads, 0, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [
-            torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
-        ]
-        self.max_len = max_len
-        self.reserve(min(max_len, 512))
+        self.allocator = BlockAllocator(num_blocks)
+        self.block_size = self.allocator.block_size
+        self.positions = num_blocks * self.block_size
+        self.device = torch.device(device)
+        shape = (
+            config.num_hidden_layers,
+            2,
+            config.num_key_value_heads,
+            self.positions,
+            config.head_dim,
+        )
+        self.storage = _lazy_zeros(shape, dtype, self.device)
+        # Per-layer views in a Python list: indexing a list costs no tensor dispatch, and decode
+        # indexes the cache twice per layer per token.
+        self.keys = [self.storage[layer, 0] for layer in range(config.num_hidden_layers)]
+        self.values = [self.storage[layer, 1] for layer in range(config.num_hidden_layers)]
         self.group = config.num_attention_heads // config.num_key_value_heads
-        self._free = list(range(slots - 1, -1, -1))
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2]
-
-    def reserve(self, length: int) -> None:
-        """Make room for positions < `length` in every slot (zeros: masked reads stay finite)."""
-        if length <= self.capacity:
-            return
-        if length > self.max_len:
-            raise ValueError(f"KV cache holds at most {self.max_len} positions, {length} asked")
-        new_len = min(self.max_len, max(length, 2 * self.capacity))
-        for tensors in (self.keys, self.values):
-            for layer, old in enumerate(tensors):
-                grown = old.new_zeros(*old.shape[:2], new_len, old.shape[3])
-                grown[:, :, : old.shape[2]] = old
-                tensors[layer] = grown
-
-    @property
-    def free_slots(self) -> int:
-        return len(self._free)
-
-    def allocate(self) -> int:
-        if not self._free:
-            raise RuntimeError("KV cache has no free slot")
-        # Lowest free slot first, so running slots stay dense and decode can slice instead of gather.
-        self._free.sort(reverse=True)
-        return self._free.pop()
-
-    def release(self, slot: int) -> None:
-        self._free.append(slot)
-
-    def copy_prefix(self, source: int, target: int, length: int) -> None:
-        """Share a prompt: copy the first `length` positions of one slot into another."""
-        for tensors in (self.keys, self.values):
-            for layer in tensors:
-                layer[target, :, :length] = layer[source, :, :length]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return self.storage.numel() * self.storage.element_size()
+
+    def locate(self, table: list[int], start: int, end: int) -> slice | torch.Tensor:
+        """Pool positions of a sequence's positions start..end-1: a slice when they are consecutive."""
+        size = self.block_size
+        first, last = start // size, (end - 1) // size
+        blocks = table[first : last + 1]
+        offset = start - first * size
+        if blocks[-1] - blocks[0] == len(blocks) - 1 and blocks == list(range(blocks[0], blocks[-1] + 1)):
+            begin = blocks[0] * size + offset
+            return slice(begin, begin + end - start)
+        starts = torch.tensor(blocks, device=self.device).unsqueeze(1) * size
+        every = (starts + torch.arange(size, device=self.device)).flatten()
+        return every[offset : offset + end - start]
+
+    def copy_block(self, source: int, target: int) -> None:
+        """Give a sequence its own copy of a partly filled block (the n choices of one prompt)."""
+        size = self.block_size
+        self.storage[:, :, :, target * size : (target + 1) * size] = self.storage[
+            :, :, :, source * size : (source + 1) * size
+        ]
+
+
+def one_sequence(config: ModelConfig, length: int) -> tuple[KVCache, list[int]]:
+    """A cache for a single sequence of up to `length` positions, and its block table.
+
+    For running the model outside the engine (perplexity, reference checks).
+    """
+    cache = KVCache(config, num_blocks=max(1, -(-length // BLOCK_SIZE)))
+    return cache, list(range(cache.allocator.num_blocks))
+
+
+def _write(pool: torch.Tensor, where: slice | torch.Tensor, rows: torch.Tensor) -> None:
+    """Store rows [n, kv_heads, head_dim] at pool positions `where`."""
+    if isinstance(where, slice):
+        pool[:, where] = rows.transpose(0, 1)
+    else:
+        pool.index_copy_(1, where, rows.transpose(0, 1))
+
+
+def _read(pool: torch.Tensor, where: slice | torch.Tensor) -> torch.Tensor:
+    return pool[:, where] if isinstance(where, slice) else pool.index_select(1, where)
 
 
 class PrefillAttention:
-    """`length` new tokens of one sequence, at positions start..start+length-1."""
+    """`length` new tokens of one sequence (block table `table`), at positions start..start+length-1."""
 
-    def __init__(self, cache: KVCache, slot: int, start: int, length: int) -> None:
-        self.cache, self.slot, self.start, self.end = cache, slot, start, start + length
+    def __init__(self, cache: KVCache, table: list[int], start: int, length: int) -> None:
+        self.cache, self.end = cache, start + length
+        self.written = cache.locate(table, start, self.end)
+        self.read = cache.locate(table, 0, self.end)
         self.mask = None
         if start:
-            device = cache.keys[0].device
+            device = cache.device
             rows = torch.arange(start, self.end, device=device).unsqueeze(1)
             self.mask = torch.arange(self.end, device=device).unsqueeze(0) <= rows
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        keys = self.cache.keys[layer][self.slot]
-        values = self.cache.values[layer][self.slot]
-        keys[:, self.start : self.end] = k.transpose(0, 1)
-        values[:, self.start : self.end] = v.transpose(0, 1)
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        _write(keys, self.written, k)
+        _write(values, self.written, v)
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0),
-            keys[:, : self.end].unsqueeze(0),
-            values[:, : self.end].unsqueeze(0),
+            _read(keys, self.read).unsqueeze(0),
+            _read(values, self.read).unsqueeze(0),
             attn_mask=self.mask,
             is_causal=self.mask is None,
             enable_gqa=True,
@@ -105,61 +139,79 @@ class PrefillAttention:
         return out[0].transpose(0, 1).reshape(q.shape[0], -1)
 
 
-class DecodeAttention:
-    """One new token for each of several sequences (slot `slots[i]` at position `positions[i]`)."""
+class _Bucket:
+    """Sequences whose lengths round up to the same DECODE_BUCKET multiple: one attention call."""
 
-    def __init__(self, cache: KVCache, slots: list[int], positions: list[int]) -> None:
+    def __init__(
+        self, cache: KVCache, span: int, rows: list[int], tables: list[list[int]], lengths: list[int]
+    ):
+        device = cache.device
+        self.rows = torch.tensor(rows)
+        self.span, self.count = span, len(rows)
+        self.mask = (
+            torch.arange(span, device=device) < torch.tensor(lengths, device=device).unsqueeze(1)
+        ).view(len(rows), 1, 1, span)
+        # A lone sequence whose blocks are consecutive is read in place, past its end included (those
+        # positions are masked, and finite): the same numbers a gather would give.
+        self.where: slice | torch.Tensor | None = None
+        if len(rows) == 1:
+            where = cache.locate(tables[0], 0, lengths[0])
+            if isinstance(where, slice) and where.start + span <= cache.positions:
+                self.where = slice(where.start, where.start + span)
+        if self.where is None:
+            parts = []
+            for table, length in zip(tables, lengths, strict=True):
+                where = cache.locate(table, 0, length)
+                if isinstance(where, slice):
+                    where = torch.arange(where.start, where.stop, device=device)
+                # Positions past the end read pool position 0 (masked, finite).
+                parts.append(F.pad(where, (0, span - length)))
+            self.where = torch.cat(parts)
+
+    def read(self, pool: torch.Tensor) -> torch.Tensor:
+        """[count, kv_heads, span, head_dim] keys or values."""
+        if isinstance(self.where, slice):
+            return pool[:, self.where].unsqueeze(0)
+        gathered = pool.index_select(1, self.where)
+        return gathered.view(pool.shape[0], self.count, self.span, pool.shape[2]).transpose(0, 1)
+
+
+class DecodeAttention:
+    """One new token for each of several sequences (block table `tables[i]`, at `positions[i]`)."""
+
+    def __init__(self, cache: KVCache, tables: list[list[int]], positions: list[int]) -> None:
         self.cache = cache
-        self.length = max(positions) + 1
-        batch = len(slots)
-        if slots == list(range(slots[0], slots[0] + batch)):
-            self.slot_index: slice | torch.Tensor = slice(slots[0], slots[0] + batch)
-        else:
-            self.slot_index = torch.tensor(slots, device=cache.keys[0].device)
-        self.slot_tensor = torch.tensor(slots, device=cache.keys[0].device)
-        self.position_tensor = torch.tensor(positions, device=cache.keys[0].device)
-        # Same position in contiguous slots (one sequence, or n choices of one prompt): a plain slice
-        # write, cheaper than scattering by index.
-        self.same_position = (
-            positions[0] if isinstance(self.slot_index, slice) and min(positions) == max(positions) else None
+        size = cache.block_size
+        self.written = torch.tensor(
+            [table[p // size] * size + p % size for table, p in zip(tables, positions, strict=True)],
+            device=cache.device,
         )
-        # Sequences at different positions attend in groups of equal length, each over exactly its
-        # own keys: one padded, masked call would sum in a different order and make a request's
-        # tokens depend on what else shares the batch (float noise that flips sampled tokens).
-        by_length: dict[int, list[int]] = {}
+        by_span: dict[int, list[int]] = {}
         for row, position in enumerate(positions):
-            by_length.setdefault(position + 1, []).append(row)
-        self.groups = None
-        if len(by_length) > 1:
-            self.groups = [
-                (
-                    length,
-                    torch.tensor(rows),
-                    torch.tensor([slots[r] for r in rows], device=cache.keys[0].device),
-                )
-                for length, rows in by_length.items()
-            ]
+            span = -(-(position + 1) // DECODE_BUCKET) * DECODE_BUCKET
+            by_span.setdefault(span, []).append(row)
+        self.buckets = [
+            _Bucket(cache, span, rows, [tables[r] for r in rows], [positions[r] + 1 for r in rows])
+            for span, rows in by_span.items()
+        ]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = self.cache.keys[layer], self.cache.values[layer]
-        if self.same_position is not None:
-            keys[self.slot_index, :, self.same_position] = k
-            values[self.slot_index, :, self.same_position] = v
-        else:
-            keys[self.slot_tensor, :, self.position_tensor] = k
-            values[self.slot_tensor, :, self.position_tensor] = v
+        keys.index_copy_(1, self.written, k.transpose(0, 1))
+        values.index_copy_(1, self.written, v.transpose(0, 1))
         batch, heads, dim = q.shape
         # Grouped-query attention without copying k/v: the query heads that share a kv head become
         # the "query length" axis of that kv head.
         grouped = q.view(batch, heads // self.cache.group, self.cache.group, dim)
-        if self.groups is None:
+        if len(self.buckets) == 1:
+            bucket = self.buckets[0]
             out = F.scaled_dot_product_attention(
-                grouped, keys[self.slot_index, :, : self.length], values[self.slot_index, :, : self.length]
+                grouped, bucket.read(keys), bucket.read(values), attn_mask=bucket.mask
             )
             return out.reshape(batch, heads * dim)
         out = torch.empty_like(grouped)
-        for length, rows, slots in self.groups:
-            out[rows] = F.scaled_dot_product_attention(
-                grouped[rows], keys[slots, :, :length], values[slots, :, :length]
+        for bucket in self.buckets:
+            out[bucket.rows] = F.scaled_dot_product_attention(
+                grouped[bucket.rows], bucket.read(keys), bucket.read(values), attn_mask=bucket.mask
             )
         return out.reshape(batch, heads * dim)

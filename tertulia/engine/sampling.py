@@ -36,6 +36,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    json_object: bool = False  # constrain the output to a JSON object (see json_mode.py)
 
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError with a message fit for an API error."""
@@ -122,9 +123,16 @@ def sample(
     params: list[SamplingParams],
     histories: list[TokenHistory],
     generators: list[torch.Generator],
+    allowed: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """Next token for each row of `logits` [B, V] (modified in place)."""
+    """Next token for each row of `logits` [B, V] (modified in place).
+
+    `allowed[i]`, when given, is a boolean mask of the only tokens row i may produce (JSON mode).
+    """
     logits = apply_penalties(logits, params, histories)
+    for row, mask in enumerate(allowed or []):
+        if mask is not None:
+            logits[row].masked_fill_(~mask, -torch.inf)
     greedy_tokens = logits.argmax(dim=-1)
     if all(p.greedy for p in params):
         return greedy_tokens
@@ -148,10 +156,27 @@ def sample(
     if bool((min_p > 0).any()):
         threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
         probs = probs.masked_fill(probs < threshold, 0.0)
+    return draw(probs, greedy_tokens, params, generators)
+
+
+def draw(
+    probs: torch.Tensor,
+    greedy_tokens: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator],
+) -> torch.Tensor:
+    """Sample each non-greedy row by inverting its cumulative distribution with one uniform draw.
+
+    torch.multinomial costs about a millisecond per row over a 49k vocabulary (13 ms per step at 16
+    streams); a cumulative sum and a binary search cost a few dozen microseconds. Tokens with zero
+    probability are never chosen: they add nothing to the sum, so the search never stops on them.
+    """
     tokens = greedy_tokens.clone()
-    for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
-        if not p.greedy:
-            tokens[row] = torch.multinomial(probs[row], 1, generator=generator)[0]
+    rows = [row for row, p in enumerate(params) if not p.greedy]
+    cdf = probs[rows].double().cumsum(dim=-1)
+    for i, row in enumerate(rows):
+        target = torch.rand(1, generator=generators[row], dtype=torch.float64) * cdf[i, -1]
+        tokens[row] = torch.searchsorted(cdf[i], target, right=True).clamp(max=probs.shape[1] - 1)[0]
     return tokens
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tertulia.engine.detokenize import IncrementalDetokenizer, StopMatcher
+from tertulia.engine.json_mode import JsonConstraint
 from tertulia.engine.sampling import SamplingParams, TokenHistory, make_generator
 
 
@@ -47,11 +48,13 @@ class Sequence:
     vocab_size: int
     index: int = 0
     group: int = 0
-    slot: int | None = None
+    blocks: list[int] = field(default_factory=list)  # the KV-cache block table
+    admitted: int = -1  # admission order: the newest is preempted first
     status: Status = Status.WAITING
     output: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    constraint: JsonConstraint | None = None  # JSON mode: where the output is in the grammar
 
     def __post_init__(self) -> None:
         # n > 1 with a seed: each choice gets its own stream, derived from the seed and its index.
@@ -66,6 +69,11 @@ class Sequence:
         """Tokens whose keys/values are (or will be, after this step) in the cache."""
         return len(self.prompt) + len(self.output)
 
+    @property
+    def cached_tokens(self) -> list[int]:
+        """Tokens to prefill: the prompt, or for a preempted sequence all but its last sampled token."""
+        return self.prompt + self.output[:-1] if self.output else self.prompt
+
     def append(self, token: int, stop_ids: set[int], context: int) -> str:
         """Record a sampled token; decide whether the sequence ends; return the text to emit."""
         self.output.append(token)
@@ -77,6 +85,10 @@ class Sequence:
         self.text += piece
         if self.stopper.stopped:
             return piece + self._finish("stop")
+        if self.constraint is not None:
+            self.constraint.accept(token)
+            if self.constraint.complete:  # the JSON object is closed: nothing may follow it
+                return piece + self._finish("stop")
         if len(self.output) >= self.max_tokens or self.length >= context:
             return piece + self._finish("length")
         return piece

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from tertulia.engine.kv_cache import KVCache, PrefillAttention
+from tertulia.engine.kv_cache import PrefillAttention, one_sequence
 from tertulia.models.llama import LlamaModel
 
 
@@ -19,8 +19,8 @@ def perplexity(module: LlamaModel, sequences: Iterable[list[int]], window: int =
     Each sequence is scored in windows of `window` tokens (no overlap), so arbitrarily long texts fit.
     """
     config = module.config
-    cache = KVCache(config, slots=1, max_len=min(window, config.max_position_embeddings))
-    cache.reserve(cache.max_len)
+    window = min(window, config.max_position_embeddings)
+    cache, table = one_sequence(config, window)
     total_nll, total_tokens = 0.0, 0
     for ids in sequences:
         for start in range(0, len(ids) - 1, window):
@@ -28,7 +28,7 @@ def perplexity(module: LlamaModel, sequences: Iterable[list[int]], window: int =
             if len(chunk) < 2:
                 continue
             inputs = torch.tensor(chunk[:-1])
-            hidden = module(inputs, torch.arange(len(inputs)), PrefillAttention(cache, 0, 0, len(inputs)))
+            hidden = module(inputs, torch.arange(len(inputs)), PrefillAttention(cache, table, 0, len(inputs)))
             logits = module.compute_logits(hidden)
             total_nll += float(F.cross_entropy(logits, torch.tensor(chunk[1:]), reduction="sum"))
             total_tokens += len(chunk) - 1

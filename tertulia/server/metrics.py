@@ -43,7 +43,22 @@ class Metrics:
             "tertulia_running_sequences", "Sequences being decoded", ["model"], registry=self.registry
         )
         self._kv = Gauge(
-            "tertulia_kv_cache_usage_ratio", "Share of KV slots in use", ["model"], registry=self.registry
+            "tertulia_kv_cache_usage_ratio",
+            "Share of the KV-cache memory budget in use",
+            ["model"],
+            registry=self.registry,
+        )
+        self._prefix_hits = Gauge(
+            "tertulia_prefix_cache_hit_tokens",
+            "Prompt tokens reused from the prefix cache since start",
+            ["model"],
+            registry=self.registry,
+        )
+        self._preemptions = Gauge(
+            "tertulia_preemptions",
+            "Sequences preempted for KV memory since start",
+            ["model"],
+            registry=self.registry,
         )
 
     def watch(self, model: ServedModel) -> None:
@@ -51,9 +66,11 @@ class Metrics:
         engine = model.runner.engine
         self._queue.labels(model.name).set_function(lambda: len(engine.waiting))
         self._running.labels(model.name).set_function(lambda: len(engine.running))
-        self._kv.labels(model.name).set_function(
-            lambda: 1 - engine.cache.free_slots / engine.max_batch if engine.max_batch else 0.0
+        self._kv.labels(model.name).set_function(lambda: engine.blocks.used / engine.blocks.num_blocks)
+        self._prefix_hits.labels(model.name).set_function(
+            lambda: engine.blocks.hits * engine.blocks.block_size
         )
+        self._preemptions.labels(model.name).set_function(lambda: engine.preemptions)
         model.runner.observer = _ModelObserver(self, model.name)
 
     def render(self) -> bytes:

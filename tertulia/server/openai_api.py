@@ -88,8 +88,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     model = pick_model(request, body.model)
     if isinstance(model, RemoteModel):
         return await forward(model, "/chat/completions", request, body.stream)
-    if body.response_format is not None and body.response_format.type == "json_object":
-        raise APIError(400, "response_format json_object is not supported yet.", param="response_format")
     try:
         stream = model.submit_chat(body.template_messages(), body.to_sampling())
     except ValueError as exc:

@@ -125,7 +125,9 @@ class ChatCompletionRequest(SamplingFields):
 
     def to_sampling(self) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling(self.max_completion_tokens or self.max_tokens, logprobs)
+        params = self.sampling(self.max_completion_tokens or self.max_tokens, logprobs)
+        params.json_object = self.response_format is not None and self.response_format.type == "json_object"
+        return params
 
 
 class CompletionRequest(SamplingFields):

@@ -1,4 +1,4 @@
-"""The engine on tiny random models: batching, seeds, stopping, slots, errors, the KV cache and quantization.
+"""The engine on tiny random models: batching, seeds, stopping, KV blocks, errors and quantization.
 
 The reference for "correct" is a from-scratch forward pass: the whole token sequence in one prefill on a
 fresh cache, whose logits at every position must match what the engine computed step by step.
@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tertulia.engine import quant
+from tertulia.engine.blocks import BLOCK_SIZE
 from tertulia.engine.detokenize import IncrementalDetokenizer
 from tertulia.engine.engine import Engine
-from tertulia.engine.kv_cache import KVCache, PrefillAttention
+from tertulia.engine.kv_cache import KVCache, PrefillAttention, bytes_per_position
 from tertulia.engine.sampling import SamplingParams
 from tertulia.engine.sequence import Sequence, Status, StepOutput
 from tertulia.errors import PromptError, TertuliaError
@@ -56,10 +57,10 @@ def detokenize(model: LoadedModel, tokens: list[int]) -> str:
 
 def recompute_logits(model: LoadedModel, tokens: list[int]) -> torch.Tensor:
     """Logits [len(tokens), V] from one prefill of the whole sequence on a fresh cache."""
-    cache = KVCache(model.config, 1, len(tokens))
-    cache.reserve(len(tokens))
+    cache = KVCache(model.config, num_blocks=-(-len(tokens) // BLOCK_SIZE))
+    table = list(range(cache.allocator.num_blocks))
     hidden = model.module(
-        torch.tensor(tokens), torch.arange(len(tokens)), PrefillAttention(cache, 0, 0, len(tokens))
+        torch.tensor(tokens), torch.arange(len(tokens)), PrefillAttention(cache, table, 0, len(tokens))
     )
     return model.module.compute_logits(hidden)
 
@@ -94,13 +95,14 @@ def test_batched_decode_equals_solo_decode(make_tiny_model: MakeModel) -> None:
     first = [engine.add(p, greedy(m))[0] for p, m in zip(prompts[:3], budgets[:3], strict=True)]
     while first[0].status is not Status.FINISHED:
         engine.step()
-    # The first request has freed slot 0: the late one takes it, so the running slots are [1, 2, 0]
-    # at different positions (a gathered, masked decode).
+    # The first request has freed its block: the late one takes it and another one further on, so
+    # its blocks are scattered (a gathered, masked decode) while the others are read in place.
     late = engine.add(prompts[3], greedy(budgets[3]))[0]
     engine.step()
-    assert [first[1].slot, first[2].slot, late.slot] == [1, 2, 0]
+    assert late.blocks[0] == 0  # the first request's block
+    assert late.blocks[1] != 1 and all(s.blocks and s.blocks[0] != 0 for s in first[1:])
     run(engine)
-    assert late.slot is None and engine.cache.free_slots == 4
+    assert late.blocks == [] and engine.idle
     batched = [s.output for s in [*first, late]]
     for got, want, budget in zip(batched, solo, budgets, strict=True):
         assert len(want) == budget
@@ -228,7 +230,7 @@ def test_stop_string_cuts_the_text(make_tiny_model: MakeModel) -> None:
     assert streamed == expected
     assert seq.output == full_seq.output[: len(seq.output)]
     assert len(seq.output) < len(full_seq.output)
-    assert engine.cache.free_slots == engine.max_batch
+    assert engine.idle
 
 
 def test_stop_string_absent_changes_nothing(make_tiny_model: MakeModel) -> None:
@@ -298,28 +300,27 @@ def test_end_of_turn_token_stops_without_text(make_tiny_model: MakeModel) -> Non
     assert outputs[-1].finished
 
 
-# --- slots ----------------------------------------------------------------------------------------
+# --- KV blocks ------------------------------------------------------------------------------------
 
 
-def test_abort_frees_the_slot(make_tiny_model: MakeModel) -> None:
+def test_abort_frees_the_blocks(make_tiny_model: MakeModel) -> None:
     model = make_tiny_model()
     engine = Engine(model, max_batch=4)
-    start = engine.cache.free_slots
-    assert start == 4
+    assert engine.blocks.used == 0
     keep = engine.add(random_prompt(5, seed=1), greedy(8))
     drop = engine.add(random_prompt(9, seed=2), greedy(30, n=2))
     engine.step()
     engine.step()
-    assert engine.cache.free_slots == start - 3
+    # One block each: the two choices share nothing here (their prompt fills no block), each has its own.
+    assert engine.blocks.used == 3
     engine.abort(drop)
-    assert engine.cache.free_slots == start - 1
-    assert all(s.finish_reason == "abort" and s.slot is None for s in drop)
+    assert engine.blocks.used == 1
+    assert all(s.finish_reason == "abort" and s.blocks == [] for s in drop)
     produced = [len(s.output) for s in drop]
     run(engine)
     assert [len(s.output) for s in drop] == produced  # aborted sequences are not decoded further
     assert keep[0].finish_reason == "length" and len(keep[0].output) == 8
-    assert engine.cache.free_slots == start
-    assert not engine.has_work
+    assert engine.idle
 
 
 def test_abort_of_a_waiting_request(make_tiny_model: MakeModel) -> None:
@@ -329,7 +330,7 @@ def test_abort_of_a_waiting_request(make_tiny_model: MakeModel) -> None:
     assert not engine.has_work
     assert engine.step() == []
     assert sequences[0].finish_reason == "abort" and sequences[0].output == []
-    assert engine.cache.free_slots == 2
+    assert engine.idle
 
 
 def test_aborting_one_waiting_choice_keeps_it_aborted(make_tiny_model: MakeModel) -> None:
@@ -339,28 +340,27 @@ def test_aborting_one_waiting_choice_keeps_it_aborted(make_tiny_model: MakeModel
     run(engine)
     assert second.finish_reason == "abort" and second.output == []
     assert first.finish_reason == "length" and len(first.output) == 5
-    assert engine.cache.free_slots == 2
+    assert engine.idle
 
 
-def test_finished_request_frees_its_slot(make_tiny_model: MakeModel) -> None:
+def test_finished_request_frees_its_blocks(make_tiny_model: MakeModel) -> None:
     engine = Engine(make_tiny_model(), max_batch=3)
-    seq = engine.add(random_prompt(5), greedy(3))[0]
+    seq = engine.add(random_prompt(5), greedy(30))[0]
     engine.step()
-    assert engine.cache.free_slots == 2 and seq.slot is not None
+    assert engine.blocks.used == 1 and len(seq.blocks) == 1
     run(engine)
-    assert engine.cache.free_slots == 3 and seq.slot is None
+    assert engine.blocks.used == 0 and seq.blocks == []
     assert engine.running == []
 
 
-def test_closing_generate_early_frees_the_slot(make_tiny_model: MakeModel) -> None:
+def test_closing_generate_early_frees_the_blocks(make_tiny_model: MakeModel) -> None:
     engine = Engine(make_tiny_model(), max_batch=2)
     stream = engine.generate(random_prompt(5), greedy(50))
     first = next(stream)
-    assert engine.cache.free_slots == 1
+    assert engine.blocks.used == 1
     stream.close()
     assert first.sequence.finish_reason == "abort"
-    assert engine.cache.free_slots == 2
-    assert not engine.has_work
+    assert engine.idle
 
 
 # --- prompt errors --------------------------------------------------------------------------------
@@ -453,25 +453,77 @@ def test_qwen2_config_builds_biases_and_an_untied_head(make_tiny_model: MakeMode
     assert float(model.module.layers[0].qkv_proj.bias.detach().abs().sum()) > 0
 
 
+def scatter_free_blocks(engine: Engine) -> None:
+    """Hold every other block, so that what the engine allocates next is never consecutive."""
+    held = [engine.blocks.allocate() for _ in range(engine.blocks.num_blocks)]
+    engine.blocks.release(held[::2])
+
+
 @pytest.mark.parametrize(
     ("name", "prompt_length"),
     [("llama", 500), ("llama", 600), ("qwen2", 500)],
-    ids=["decode-grows-cache", "chunked-prefill", "qwen2-decode-grows-cache"],
+    ids=["decode-over-many-blocks", "chunked-prefill", "qwen2"],
 )
-def test_generation_past_the_initial_cache_capacity(
+def test_scattered_blocks_give_the_same_tokens(
     make_tiny_model: MakeModel, monkeypatch: pytest.MonkeyPatch, name: str, prompt_length: int
 ) -> None:
+    """A sequence whose blocks are scattered (gathered reads) computes what a consecutive one does."""
     model = make_tiny_model(seed=3, max_position_embeddings=1024, **CONFIGS[name])
+    prompt = random_prompt(prompt_length, seed=5)
+    consecutive = generate(Engine(model, max_batch=2, max_context=1024), prompt, greedy(40))[0]
     engine = Engine(model, max_batch=2, max_context=1024)
-    assert engine.cache.capacity == 512
-    check_against_recompute(model, engine, random_prompt(prompt_length, seed=5), 24, monkeypatch)
-    assert engine.cache.capacity > 512
-    # The same generation with the whole context preallocated gives the same tokens.
-    big = Engine(model, max_batch=2, max_context=1024)
-    big.cache.reserve(1024)
-    first = generate(engine, random_prompt(prompt_length, seed=5), greedy(24))[0]
-    again = generate(big, random_prompt(prompt_length, seed=5), greedy(24))[0]
-    assert first.output == again.output
+    scatter_free_blocks(engine)
+    check_against_recompute(model, engine, prompt, 40, monkeypatch)
+    scattered = generate(engine, prompt, greedy(40))[0]
+    assert scattered.output == consecutive.output
+
+
+def test_kv_memory_budget_bounds_the_context_and_admission(make_tiny_model: MakeModel) -> None:
+    model = make_tiny_model(max_position_embeddings=1024)
+    per_block = bytes_per_position(model.config) * BLOCK_SIZE
+    engine = Engine(model, max_batch=4, kv_memory=8 * per_block)
+    assert engine.blocks.num_blocks == 8 and engine.context == 8 * BLOCK_SIZE
+    with pytest.raises(PromptError, match="context"):
+        engine.check_prompt(random_prompt(8 * BLOCK_SIZE), greedy(1))
+    # Two 3-block prompts fit; the third waits for memory although the batch has room.
+    sequences = [engine.add(random_prompt(40, seed=i), greedy(5))[0] for i in range(3)]
+    engine.step()
+    assert [s.status for s in sequences] == [Status.RUNNING, Status.RUNNING, Status.WAITING]
+    run(engine)
+    assert all(s.finish_reason == "length" for s in sequences)
+    with pytest.raises(TertuliaError, match="too small"):
+        Engine(model, kv_memory=per_block)
+
+
+def test_preempted_sequences_resume_and_finish_the_same(make_tiny_model: MakeModel) -> None:
+    """Out of blocks, the newest sequence is preempted, recomputed later, and generates the same tokens."""
+    model = make_tiny_model(seed=1, max_position_embeddings=1024)
+    prompts = [random_prompt(30, seed=20 + i) for i in range(3)]
+    solo = [generate(Engine(model, max_batch=1), p, greedy(60))[0].output for p in prompts]
+    per_block = bytes_per_position(model.config) * BLOCK_SIZE
+    # 3 x (30 + 60) positions need 18 blocks; 10 force preemptions along the way.
+    engine = Engine(model, max_batch=3, kv_memory=10 * per_block, prefix_cache=False)
+    sequences = [engine.add(p, greedy(60))[0] for p in prompts]
+    run(engine)
+    assert engine.preemptions > 0
+    assert [s.output for s in sequences] == solo
+    assert engine.idle
+
+
+def test_prefix_cache_reuses_a_shared_prompt_start(make_tiny_model: MakeModel) -> None:
+    model = make_tiny_model(seed=4)
+    system = random_prompt(3 * BLOCK_SIZE + 5, seed=7)
+    first_prompt, second_prompt = system + random_prompt(9, seed=8), system + random_prompt(12, seed=9)
+    engine = Engine(model, max_batch=2)
+    generate(engine, first_prompt, greedy(5))
+    assert engine.blocks.hits == 0
+    reused = generate(engine, second_prompt, greedy(12))[0]
+    assert engine.blocks.hits == 3  # the three full blocks of the shared start
+    fresh = generate(Engine(model, max_batch=2, prefix_cache=False), second_prompt, greedy(12))[0]
+    assert reused.output == fresh.output
+    # A prompt that differs inside the first block finds nothing.
+    generate(engine, [system[0] + 1, *system[1:]], greedy(2))
+    assert engine.blocks.hits == 3
 
 
 def test_batched_decode_at_different_positions_matches_recompute(
@@ -704,10 +756,13 @@ def test_abort_during_prefill_frees_the_slots(make_tiny_model: MakeModel) -> Non
     from tertulia.engine.engine import PREFILL_CHUNK
 
     engine = Engine(make_tiny_model(max_position_embeddings=4096), max_batch=3)
-    sequences = engine.add(random_prompt(2 * PREFILL_CHUNK + 5), greedy(4, n=2))
+    prompt_length = 2 * PREFILL_CHUNK + 5
+    sequences = engine.add(random_prompt(prompt_length), greedy(4, n=2))
     engine.step()
-    assert engine.prefilling is not None and engine.cache.free_slots == 1
+    # The prompt's blocks once, plus the second choice's own copy of the partly filled last block.
+    assert engine.prefilling is not None
+    assert engine.blocks.used == engine.blocks.blocks_for(prompt_length) + 1
     engine.abort(sequences)
     run(engine)
-    assert engine.cache.free_slots == 3 and engine.prefilling is None
+    assert engine.idle and engine.prefilling is None
     assert all(s.finish_reason == "abort" and s.output == [] for s in sequences)

@@ -24,7 +24,7 @@ import torch
 from gguf import GGMLQuantizationType as QType
 from safetensors.torch import save_file
 
-from tertulia.engine.kv_cache import DecodeAttention, KVCache, PrefillAttention
+from tertulia.engine.kv_cache import DecodeAttention, KVCache, PrefillAttention, one_sequence
 from tertulia.errors import ModelLoadError
 from tertulia.models import registry
 from tertulia.models.llama import interleave_rotary
@@ -135,9 +135,8 @@ def copy_tokenizer(source: Path, directory: Path) -> None:
 
 def prefill_logits(model: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
     """Logits at every position of `ids`, through the serving path (KV cache + prefill attention)."""
-    cache = KVCache(model.config, slots=1, max_len=len(ids))
-    slot = cache.allocate()
-    hidden = model.module(ids, torch.arange(len(ids)), PrefillAttention(cache, slot, 0, len(ids)))
+    cache, table = one_sequence(model.config, len(ids))
+    hidden = model.module(ids, torch.arange(len(ids)), PrefillAttention(cache, table, 0, len(ids)))
     return model.module.compute_logits(hidden)
 
 
@@ -374,14 +373,13 @@ def test_decode_after_prefill_matches_transformers(
 
     ids = torch.randint(0, FULL_VOCAB, (20,), generator=torch.Generator().manual_seed(6))
     theirs = hf_logits(reference, ids)
-    cache = KVCache(loaded.config, slots=2, max_len=len(ids))
-    cache.allocate()
-    slot = cache.allocate()  # slot 1: decode must not read slot 0's (empty) region
+    cache = KVCache(loaded.config, num_blocks=4)
+    table = [3, 1]  # scattered blocks: decode must read exactly this sequence's positions
     module, split = loaded.module, 8
-    hidden = module(ids[:split], torch.arange(split), PrefillAttention(cache, slot, 0, split))
+    hidden = module(ids[:split], torch.arange(split), PrefillAttention(cache, table, 0, split))
     rows = [module.compute_logits(hidden)]
     for pos in range(split, len(ids)):
-        hidden = module(ids[pos : pos + 1], torch.tensor([pos]), DecodeAttention(cache, [slot], [pos]))
+        hidden = module(ids[pos : pos + 1], torch.tensor([pos]), DecodeAttention(cache, [table], [pos]))
         rows.append(module.compute_logits(hidden))
     torch.testing.assert_close(torch.cat(rows), theirs, atol=1e-4, rtol=0)
 

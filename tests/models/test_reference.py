@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tertulia.engine.engine import Engine
-from tertulia.engine.kv_cache import DecodeAttention, KVCache, PrefillAttention
+from tertulia.engine.kv_cache import DecodeAttention, PrefillAttention, one_sequence
 from tertulia.engine.sampling import SamplingParams
 from tertulia.models.registry import LoadedModel
 from tertulia.models.tokenizer import Tokenizer
@@ -94,10 +94,9 @@ def _hf_chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
 def _ours_greedy(model: LoadedModel, prompt: list[int], steps: int) -> tuple[torch.Tensor, list[int]]:
     """Prefill the prompt through the KV cache, then decode one token at a time (greedy, no EOS stop)."""
     module = model.module
-    cache = KVCache(model.config, slots=1, max_len=len(prompt) + steps + 1)
-    slot = cache.allocate()
+    cache, table = one_sequence(model.config, len(prompt) + steps + 1)
     ids = torch.tensor(prompt)
-    hidden = module(ids, torch.arange(len(prompt)), PrefillAttention(cache, slot, 0, len(prompt)))
+    hidden = module(ids, torch.arange(len(prompt)), PrefillAttention(cache, table, 0, len(prompt)))
     logits = module.compute_logits(hidden[-1:])[0]
     prompt_logits = logits.clone()
     out: list[int] = []
@@ -106,7 +105,7 @@ def _ours_greedy(model: LoadedModel, prompt: list[int], steps: int) -> tuple[tor
         token = int(logits.argmax())
         out.append(token)
         hidden = module(
-            torch.tensor([token]), torch.tensor([position]), DecodeAttention(cache, [slot], [position])
+            torch.tensor([token]), torch.tensor([position]), DecodeAttention(cache, [table], [position])
         )
         logits = module.compute_logits(hidden)[0]
         position += 1
@@ -186,10 +185,9 @@ def test_prefill_logits_match_hf_at_every_position(hf_pair: tuple[Any, Any], rea
     """All positions, not only the last: a causal-mask or rotary-position bug shows up mid-sequence."""
     model, tokenizer = hf_pair
     prompt = _hf_chat_ids(tokenizer, PROMPTS["multi_turn"])
-    cache = KVCache(real_model.config, slots=1, max_len=len(prompt))
-    slot = cache.allocate()
+    cache, table = one_sequence(real_model.config, len(prompt))
     hidden = real_model.module(
-        torch.tensor(prompt), torch.arange(len(prompt)), PrefillAttention(cache, slot, 0, len(prompt))
+        torch.tensor(prompt), torch.arange(len(prompt)), PrefillAttention(cache, table, 0, len(prompt))
     )
     ours = real_model.module.compute_logits(hidden)
     with torch.inference_mode():

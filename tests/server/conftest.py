@@ -32,11 +32,11 @@ class LiveServer:
         return f"{self.url}/v1"
 
     def wait_until_idle(self, timeout: float = 30.0) -> bool:
-        """Until no request holds a KV slot (a correctness wait, bounded; not a performance check)."""
+        """Until no request holds a KV block (a correctness wait, bounded; not a performance check)."""
         engine = self.model.provider.engine
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if engine.cache.free_slots == engine.max_batch and not engine.has_work:
+            if engine.idle:
                 return True
             time.sleep(0.05)
         return False

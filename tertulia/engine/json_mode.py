@@ -1,0 +1,224 @@
+"""JSON mode (`response_format: {"type": "json_object"}`): only tokens that keep the output valid JSON.
+
+A byte-level pushdown automaton follows the JSON grammar (RFC 8259, with a top-level object as OpenAI's
+JSON mode requires). Before each draw, every token whose bytes would break the grammar from the current
+state is masked out; when the top-level object closes, the sequence ends. The output therefore always
+parses, unless max_tokens cuts it short (finish_reason "length", as with OpenAI).
+
+Masks depend only on the automaton state, and the same states come back again and again (inside a
+string, between members...), so each state's mask is computed once per vocabulary and cached. A mask is
+computed by walking the vocabulary sorted by bytes, so tokens sharing a prefix share its work, and a
+prefix that fails rules out every token that starts with it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import NamedTuple
+
+import torch
+
+WHITESPACE = frozenset(b" \t\n\r")
+# Consecutive whitespace allowed between tokens of JSON: enough to indent, not enough to loop forever
+# on newlines (the classic failure of unconstrained small models in JSON mode).
+MAX_WHITESPACE = 24
+_DIGITS = frozenset(b"0123456789")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_ESCAPES = frozenset(b'"\\/bfnrt')
+_LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
+# Number sub-states that may end the number.
+_NUMBER_CAN_END = frozenset({"zero", "int", "frac", "exp"})
+
+
+class State(NamedTuple):
+    mode: str  # start, value, key_or_close, key, colon, after, value_or_close, str, esc, hex, num, lit, done
+    stack: str = ""  # open containers, "{" and "["
+    aux: object = None  # str: is it a key; hex: digits left; num: sub-state; lit: bytes left
+    spaces: int = 0
+
+
+START = State("start")
+_WS_MODES = frozenset({"start", "value", "key_or_close", "key", "colon", "after", "value_or_close"})
+
+
+def _value_done(stack: str) -> State:
+    return State("after", stack) if stack else State("done")
+
+
+def _start_value(byte: int, stack: str) -> State | None:
+    if byte == ord("{"):
+        return State("key_or_close", stack + "{")
+    if byte == ord("["):
+        return State("value_or_close", stack + "[")
+    if byte == ord('"'):
+        return State("str", stack, False)
+    if byte == ord("-"):
+        return State("num", stack, "sign")
+    if byte == ord("0"):
+        return State("num", stack, "zero")
+    if byte in _DIGITS:
+        return State("num", stack, "int")
+    if byte in _LITERALS:
+        return State("lit", stack, _LITERALS[byte])
+    return None
+
+
+def _number(state: State, byte: int) -> State | None:
+    sub, stack = state.aux, state.stack
+    digit = byte in _DIGITS
+    if sub == "sign":
+        return State("num", stack, "zero" if byte == ord("0") else "int") if digit else None
+    if sub in ("int", "frac", "exp") and digit:
+        return state
+    if sub in ("zero", "int") and byte == ord("."):
+        return State("num", stack, "dot")
+    if sub == "dot":
+        return State("num", stack, "frac") if digit else None
+    if sub in ("zero", "int", "frac") and byte in b"eE":
+        return State("num", stack, "e")
+    if sub == "e":
+        if byte in b"+-":
+            return State("num", stack, "esign")
+        return State("num", stack, "exp") if digit else None
+    if sub == "esign":
+        return State("num", stack, "exp") if digit else None
+    if sub in _NUMBER_CAN_END:  # the number ended: this byte belongs to what follows it
+        return step(_value_done(stack), byte)
+    return None
+
+
+def step(state: State, byte: int) -> State | None:
+    """The state after one more byte, or None if the byte cannot continue valid JSON."""
+    mode, stack = state.mode, state.stack
+    if mode == "str":
+        if byte == ord('"'):
+            return State("colon", stack) if state.aux else _value_done(stack)
+        if byte == ord("\\"):
+            return State("esc", stack, state.aux)
+        return None if byte < 0x20 else state
+    if mode == "esc":
+        if byte == ord("u"):
+            return State("hex", stack, (state.aux, 4))
+        return State("str", stack, state.aux) if byte in _ESCAPES else None
+    if mode == "hex":
+        is_key, left = state.aux  # type: ignore[misc]
+        if byte not in _HEX:
+            return None
+        return State("str", stack, is_key) if left == 1 else State("hex", stack, (is_key, left - 1))
+    if mode == "num":
+        return _number(state, byte)
+    if mode == "lit":
+        rest: bytes = state.aux  # type: ignore[assignment]
+        if byte != rest[0]:
+            return None
+        return State("lit", stack, rest[1:]) if len(rest) > 1 else _value_done(stack)
+    if mode == "done":
+        return None
+    if byte in WHITESPACE:
+        return state._replace(spaces=state.spaces + 1) if state.spaces < MAX_WHITESPACE else None
+    if mode == "start":
+        return State("key_or_close", "{") if byte == ord("{") else None
+    if mode in ("value", "value_or_close"):
+        if mode == "value_or_close" and byte == ord("]"):
+            return _value_done(stack[:-1])
+        return _start_value(byte, stack)
+    if mode in ("key_or_close", "key"):
+        if byte == ord('"'):
+            return State("str", stack, True)
+        if mode == "key_or_close" and byte == ord("}"):
+            return _value_done(stack[:-1])
+        return None
+    if mode == "colon":
+        return State("value", stack) if byte == ord(":") else None
+    # mode == "after": a value inside a container is complete
+    if byte == ord(","):
+        return State("key", stack) if stack[-1] == "{" else State("value", stack)
+    if byte == ord("}" if stack[-1] == "{" else "]"):
+        return _value_done(stack[:-1])
+    return None
+
+
+def advance(state: State, data: bytes) -> State | None:
+    for byte in data:
+        next_state = step(state, byte)
+        if next_state is None:
+            return None
+        state = next_state
+    return state
+
+
+class JsonGrammar:
+    """Token masks for one vocabulary, cached by automaton state."""
+
+    def __init__(self, token_bytes: list[bytes | None], cache_size: int = 1024) -> None:
+        self.vocab_size = len(token_bytes)
+        self.token_bytes = token_bytes
+        # Special tokens (no bytes) and empty tokens are never allowed: they would not advance JSON.
+        ordered = sorted((data, token) for token, data in enumerate(token_bytes) if data)
+        self._tokens = [token for _, token in ordered]
+        self._bytes = [data for data, _ in ordered]
+        self._shared = [0] * len(ordered)  # bytes in common with the previous token in this order
+        for i in range(1, len(ordered)):
+            a, b = self._bytes[i - 1], self._bytes[i]
+            common = 0
+            for x, y in zip(a, b, strict=False):
+                if x != y:
+                    break
+                common += 1
+            self._shared[i] = common
+        self._masks: OrderedDict[State, torch.Tensor] = OrderedDict()
+        self._cache_size = cache_size
+
+    def allowed(self, state: State) -> torch.Tensor:
+        """Boolean mask [vocab] of the tokens that can follow `state`."""
+        mask = self._masks.get(state)
+        if mask is not None:
+            self._masks.move_to_end(state)
+            return mask
+        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        mask[self._walk(state)] = True
+        self._masks[state] = mask
+        if len(self._masks) > self._cache_size:
+            self._masks.popitem(last=False)
+        return mask
+
+    def _walk(self, start: State) -> list[int]:
+        allowed = []
+        states: list[State | None] = [start] + [None] * max(len(b) for b in self._bytes)
+        failed_at = 1 << 30  # depth at which the previous token's path failed
+        for token, data, shared in zip(self._tokens, self._bytes, self._shared, strict=True):
+            if failed_at <= shared:  # starts with a prefix already known to fail
+                continue
+            failed_at = 1 << 30
+            state = states[shared]
+            for depth in range(shared, len(data)):
+                state = step(state, data[depth])  # type: ignore[arg-type]
+                if state is None:
+                    failed_at = depth + 1
+                    break
+                states[depth + 1] = state
+            else:
+                allowed.append(token)
+        return allowed
+
+
+class JsonConstraint:
+    """One sequence's position in the grammar."""
+
+    def __init__(self, grammar: JsonGrammar) -> None:
+        self.grammar = grammar
+        self.state: State = START
+
+    def mask(self) -> torch.Tensor:
+        return self.grammar.allowed(self.state)
+
+    def accept(self, token: int) -> None:
+        data = self.grammar.token_bytes[token] or b""
+        state = advance(self.state, data)
+        if state is None:
+            raise ValueError(f"token {token} breaks the JSON grammar")  # the mask rules this out
+        self.state = state
+
+    @property
+    def complete(self) -> bool:
+        return self.state.mode == "done"
