@@ -98,6 +98,13 @@ def serve(
     max_queue: Annotated[
         int, typer.Option(help="Requests in progress per model before answering 429.")
     ] = 256,
+    kv_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="KV-cache budget per model, e.g. 2GiB or 512MB. Default: every sequence at full "
+            "context, at most a quarter of RAM. Requests wait when it is full."
+        ),
+    ] = None,
     insecure: Annotated[
         bool, typer.Option(help="Allow binding a non-loopback address without API keys.")
     ] = False,
@@ -114,6 +121,7 @@ def serve(
         api_keys=api_key or [],
         max_queue=max_queue,
         insecure=insecure,
+        kv_memory=kv_memory,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import signal
 import threading
 from typing import Any
@@ -26,6 +27,18 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '512MB', '1.5gb' or a plain number of bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _UNITS:
+        raise TertuliaError(f"Cannot read {text!r} as a size.", "Write it like 2GiB, 512MB or 1000000.")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
 def run_server(
     *,
     models: list[str],
@@ -36,12 +49,14 @@ def run_server(
     api_keys: list[str],
     max_queue: int,
     insecure: bool,
+    kv_memory: str | None = None,
 ) -> None:
     import uvicorn
 
     from tertulia.server.app import create_app
 
     check_mode(quantize, allow_auto=True)
+    kv_bytes = parse_size(kv_memory) if kv_memory else None
     keys = set(api_keys) | {
         k.strip() for k in os.environ.get("TERTULIA_API_KEYS", "").split(",") if k.strip()
     }
@@ -58,7 +73,9 @@ def run_server(
             continue
         err.print(f"Loading {spec}…", style="dim")
         with LazyProgress(err) as progress:
-            provider = LocalProvider.load(spec, quantization=quantize, max_batch=max_batch, progress=progress)
+            provider = LocalProvider.load(
+                spec, quantization=quantize, max_batch=max_batch, kv_memory=kv_bytes, progress=progress
+            )
         served.append(ServedModel(provider))
     names = [m.name for m in served]
     if len(set(names)) != len(names):

@@ -285,7 +285,8 @@ class Engine:
                 try:
                     seq.blocks.append(self.blocks.allocate(seq.blocks[-1]))
                 except OutOfBlocks:
-                    self._preempt(max(self.running, key=lambda s: s.admitted))
+                    running = (s for s in self.running if s.status is Status.RUNNING)
+                    self._preempt(max(running, key=lambda s: s.admitted))
         return [s for s in sequences if s.status is Status.RUNNING]
 
     def _preempt(self, seq: Sequence) -> None:

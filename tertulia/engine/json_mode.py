@@ -33,7 +33,9 @@ _NUMBER_CAN_END = frozenset({"zero", "int", "frac", "exp"})
 class State(NamedTuple):
     mode: str  # start, value, key_or_close, key, colon, after, value_or_close, str, esc, hex, num, lit, done
     stack: str = ""  # open containers, "{" and "["
-    aux: object = None  # str: is it a key; hex: digits left; num: sub-state; lit: bytes left
+    # str: (is it a key, UTF-8 continuation bytes owed); esc: is it a key; hex: (is it a key, digits
+    # left); num: sub-state; lit: bytes left
+    aux: object = None
     spaces: int = 0
 
 
@@ -51,7 +53,7 @@ def _start_value(byte: int, stack: str) -> State | None:
     if byte == ord("["):
         return State("value_or_close", stack + "[")
     if byte == ord('"'):
-        return State("str", stack, False)
+        return State("str", stack, (False, 0))
     if byte == ord("-"):
         return State("num", stack, "sign")
     if byte == ord("0"):
@@ -87,24 +89,39 @@ def _number(state: State, byte: int) -> State | None:
     return None
 
 
+def _string(state: State, byte: int) -> State | None:
+    """Inside a string: printable text as well-formed UTF-8 (JSON text must be UTF-8), escapes."""
+    is_key, owed = state.aux  # type: ignore[misc]
+    if owed:
+        return State("str", state.stack, (is_key, owed - 1)) if 0x80 <= byte <= 0xBF else None
+    if byte == ord('"'):
+        return State("colon", state.stack) if is_key else _value_done(state.stack)
+    if byte == ord("\\"):
+        return State("esc", state.stack, is_key)
+    if byte < 0x20:
+        return None
+    if byte < 0x80:
+        return state
+    # The lead byte says how many continuation bytes follow (overlong and surrogate forms are not told
+    # apart: the detokenizer would show them as U+FFFD, still valid JSON).
+    owed = 1 if 0xC2 <= byte <= 0xDF else 2 if 0xE0 <= byte <= 0xEF else 3 if 0xF0 <= byte <= 0xF4 else 0
+    return State("str", state.stack, (is_key, owed)) if owed else None
+
+
 def step(state: State, byte: int) -> State | None:
     """The state after one more byte, or None if the byte cannot continue valid JSON."""
     mode, stack = state.mode, state.stack
     if mode == "str":
-        if byte == ord('"'):
-            return State("colon", stack) if state.aux else _value_done(stack)
-        if byte == ord("\\"):
-            return State("esc", stack, state.aux)
-        return None if byte < 0x20 else state
+        return _string(state, byte)
     if mode == "esc":
         if byte == ord("u"):
             return State("hex", stack, (state.aux, 4))
-        return State("str", stack, state.aux) if byte in _ESCAPES else None
+        return State("str", stack, (state.aux, 0)) if byte in _ESCAPES else None
     if mode == "hex":
         is_key, left = state.aux  # type: ignore[misc]
         if byte not in _HEX:
             return None
-        return State("str", stack, is_key) if left == 1 else State("hex", stack, (is_key, left - 1))
+        return State("str", stack, (is_key, 0)) if left == 1 else State("hex", stack, (is_key, left - 1))
     if mode == "num":
         return _number(state, byte)
     if mode == "lit":
@@ -124,7 +141,7 @@ def step(state: State, byte: int) -> State | None:
         return _start_value(byte, stack)
     if mode in ("key_or_close", "key"):
         if byte == ord('"'):
-            return State("str", stack, True)
+            return State("str", stack, (True, 0))
         if mode == "key_or_close" and byte == ord("}"):
             return _value_done(stack[:-1])
         return None

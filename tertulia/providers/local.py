@@ -28,12 +28,12 @@ class LocalProvider:
         *,
         quantization: str = "auto",
         max_batch: int = 8,
+        kv_memory: int | None = None,
         progress: Progress | None = None,
     ) -> LocalProvider:
         model = registry.load(spec, progress)
-        return cls(
-            Engine(model, quantization=registry.pick_quantization(model, quantization), max_batch=max_batch)
-        )
+        quantization = registry.pick_quantization(model, quantization)
+        return cls(Engine(model, quantization=quantization, max_batch=max_batch, kv_memory=kv_memory))
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         return self.model.template.encode(messages, add_generation_prompt=True)

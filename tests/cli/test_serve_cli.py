@@ -20,7 +20,18 @@ def test_serve_answers_with_a_key_and_stops_on_sigterm(embedded_dir) -> None:
     port = free_port()
     env = dict(os.environ, TERTULIA_API_KEYS="k1,k2")
     process = subprocess.Popen(
-        [sys.executable, "-m", "tertulia", "serve", "--port", str(port), "--max-batch", "4"],
+        [
+            sys.executable,
+            "-m",
+            "tertulia",
+            "serve",
+            "--port",
+            str(port),
+            "--max-batch",
+            "4",
+            "--kv-memory",
+            "64MiB",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -44,6 +55,9 @@ def test_serve_answers_with_a_key_and_stops_on_sigterm(embedded_dir) -> None:
             temperature=0,
         )
         assert "Paris" in reply.choices[0].message.content
+        # 64 MiB of KV memory holds 91 blocks of 16 positions at 45 KiB each: that bounds the context.
+        with pytest.raises(openai.BadRequestError, match="context is 1456 tokens"):
+            client.completions.create(model="smollm2-135m", prompt=[17] * 1400, max_tokens=100)
     finally:
         process.terminate()
         code = process.wait(30)
@@ -62,3 +76,14 @@ def test_serve_refuses_a_public_address_without_keys() -> None:
     )
     assert result.returncode == 1
     assert result.stderr.startswith("error: Refusing to serve on 0.0.0.0")
+
+
+def test_serve_rejects_an_unreadable_kv_memory() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tertulia", "serve", "--port", str(free_port()), "--kv-memory", "lots"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: Cannot read 'lots' as a size.")

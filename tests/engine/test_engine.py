@@ -510,6 +510,24 @@ def test_preempted_sequences_resume_and_finish_the_same(make_tiny_model: MakeMod
     assert engine.idle
 
 
+def test_a_sequence_that_finished_this_step_is_never_preempted(make_tiny_model: MakeModel) -> None:
+    """Out of blocks, the victim is a running sequence, never one that just finished (and awaits release)."""
+    model = make_tiny_model(seed=2, max_position_embeddings=1024)
+    per_block = bytes_per_position(model.config) * BLOCK_SIZE
+    engine = Engine(model, max_batch=2, kv_memory=4 * per_block, prefix_cache=False)
+    grower = engine.add(random_prompt(15, seed=1), greedy(40))[0]
+    engine.step()
+    engine.step()  # the grower needs its second block at the next step
+    # Fills the three other blocks and finishes in its prefill, in the same step the grower runs out.
+    brief = engine.add(random_prompt(3 * BLOCK_SIZE, seed=2), greedy(1))[0]
+    engine.step()
+    assert brief.finish_reason == "length" and len(brief.output) == 1
+    assert engine.preemptions == 1 and grower.status is Status.WAITING
+    run(engine)
+    assert len(brief.output) == 1
+    assert grower.output == generate(Engine(model, max_batch=1), grower.prompt, greedy(40))[0].output
+
+
 def test_prefix_cache_reuses_a_shared_prompt_start(make_tiny_model: MakeModel) -> None:
     model = make_tiny_model(seed=4)
     system = random_prompt(3 * BLOCK_SIZE + 5, seed=7)
