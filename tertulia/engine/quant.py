@@ -8,8 +8,11 @@
 - "none": float32, the reference.
 
 In "int4" the LM head (49k rows, as costly as a third of the layers) gets int8 weights with one scale
-per row (`Int8Linear`); the embedding it may share stays float32 for lookups. The quality cost of each
-mode is measured in BENCHMARKS.md by held-out perplexity.
+per row (`Int8Linear`); the embedding it may share stays float32 for lookups. Measured against a
+float32 head on held-out chats: int8 agrees on the top token 98.4% of the time (mean KL 0.0017); int4
+only 89.7% (KL 0.041), too lossy; float16 is exact (KL 1e-5) and 12% faster for 16 streams, but reads
+56 MB from memory per token, which made one stream 17% slower. The quality cost of each mode is
+measured in BENCHMARKS.md by held-out perplexity.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from tertulia import __version__
 from tertulia.providers.local import ServedModel
 from tertulia.server import completions_api, errors, openai_api  # noqa: F401  (routes register on import)
-from tertulia.server.limits import GuardMiddleware
+from tertulia.server.limits import BodyLimit, GuardMiddleware
 from tertulia.server.metrics import CONTENT_TYPE, Metrics
 
 
@@ -43,6 +43,7 @@ def create_app(
     for model in models:
         if isinstance(model, ServedModel):
             app.state.metrics.watch(model)
+    app.add_middleware(BodyLimit)
     app.add_middleware(GuardMiddleware, api_keys=set(api_keys or ()))
     errors.install(app)
     app.include_router(openai_api.router)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hmac
 
 from fastapi import Request
+from starlette.exceptions import HTTPException
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tertulia.server.errors import APIError, envelope
 
@@ -35,10 +37,41 @@ class GuardMiddleware(BaseHTTPMiddleware):
                 )
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            return envelope(
-                413, f"The request body exceeds {self.max_body // (1024 * 1024)} MB.", "invalid_request_error"
-            )
+            return envelope(413, too_large(self.max_body), "invalid_request_error")
         return await call_next(request)
+
+
+def too_large(limit: int) -> str:
+    return f"The request body exceeds {limit // (1024 * 1024)} MB."
+
+
+class BodyLimit:
+    """Count the bytes of bodies sent without a Content-Length (chunked): stop reading past the limit.
+
+    The error is raised while the route reads its body, before any response has started; FastAPI lets
+    an HTTPException through its body parsing, and the error handlers turn it into OpenAI's envelope.
+    """
+
+    def __init__(self, app: ASGIApp, max_body: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise HTTPException(413, too_large(self.max_body))
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def check_queue(pending: int, limit: int) -> None:

@@ -47,6 +47,19 @@ def test_oversized_and_undecodable_bodies(tiny_served: ServedModel) -> None:
         response = httpx.post(f"{url}/v1/chat/completions", json=huge, timeout=60)
         assert response.status_code == 413
         validate(response.json(), "ErrorResponse")
+
+        def chunks():  # no Content-Length: the size is only known by counting
+            yield b'{"model": "x", "messages": [{"role": "user", "content": "'
+            for _ in range(5 * 1024):
+                yield b"x" * 1024
+            yield b'"}]}'
+
+        chunked = httpx.post(
+            f"{url}/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert "content-length" not in chunked.request.headers
+        assert chunked.status_code == 413, chunked.text
+        assert chunked.json()["error"]["message"] == "The request body exceeds 4 MB."
         garbage = httpx.post(
             f"{url}/v1/chat/completions",
             content=b'{"model": "\xff\xfe"}',
