@@ -49,7 +49,8 @@ $(BENCH_STAMP): $(DEV_STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/decode.py
-	$(PY) benchmarks/serve_load.py
+	$(PY) benchmarks/serve_load.py --rounds 3
+	$(PY) benchmarks/prefix_cache.py
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check tertulia tests benchmarks
