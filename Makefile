@@ -32,9 +32,20 @@ dev: $(DEV_STAMP)
 run: $(STAMP)
 	$(VENV)/bin/tertulia chat
 
-test: $(DEV_STAMP)
+# The store is tested on a real PostgreSQL server too (started by the tests on loopback). Install the
+# server when it is missing and we may (root, apt); otherwise those tests are skipped and say why.
+PG_STAMP := $(VENV)/.installed-postgresql
+$(PG_STAMP):
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+		|| echo "PostgreSQL could not be installed: its store tests will be skipped"; \
+	else echo "PostgreSQL is not installed and cannot be (not root): its store tests will be skipped"; fi
+	touch $(PG_STAMP)
+
+test: $(DEV_STAMP) $(PG_STAMP)
 	$(VENV)/bin/ruff check tertulia tests benchmarks
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 # Peers for the benchmarks. llama.cpp's default native build crashes on some CPUs (AVX-512/AMX), so it is
 # built for AVX2; held-out chat text for the quality check comes from chatterbot-corpus (BSD).

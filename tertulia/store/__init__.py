@@ -1,0 +1,1 @@
+"""Where conversations live: SQLite under TERTULIA_HOME by default, PostgreSQL for teams."""
