@@ -98,6 +98,13 @@ def serve(
     max_queue: Annotated[
         int, typer.Option(help="Requests in progress per model before answering 429.")
     ] = 256,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Where conversations are kept: sqlite:///FILE or postgresql://USER:PASS@HOST/DB. "
+            "Default: an SQLite file under TERTULIA_HOME (also TERTULIA_DATABASE_URL)."
+        ),
+    ] = None,
     kv_memory: Annotated[
         str | None,
         typer.Option(
@@ -122,6 +129,7 @@ def serve(
         max_queue=max_queue,
         insecure=insecure,
         kv_memory=kv_memory,
+        database_url=database_url,
     )
 
 

@@ -16,6 +16,8 @@ from tertulia.engine.quant import check_mode
 from tertulia.errors import TertuliaError
 from tertulia.providers.local import LocalProvider, ServedModel
 from tertulia.providers.remote import RemoteModel
+from tertulia.store.conversations import Store
+from tertulia.store.database import open_store
 
 
 def _is_loopback(host: str) -> bool:
@@ -50,6 +52,7 @@ def run_server(
     max_queue: int,
     insecure: bool,
     kv_memory: str | None = None,
+    database_url: str | None = None,
 ) -> None:
     import uvicorn
 
@@ -66,6 +69,11 @@ def run_server(
             "Bind 127.0.0.1, or pass --insecure if the network is trusted.",
         )
     err = Console(stderr=True, highlight=False)
+    # The store first: a wrong URL fails in a second, before models take their time to load.
+    store = Store(open_store(database_url or os.environ.get("TERTULIA_DATABASE_URL")))
+    interrupted = store.close_interrupted()
+    if interrupted:
+        err.print(f"{interrupted} reply(ies) cut short by the last shutdown were kept, marked incomplete.")
     served: list[ServedModel | RemoteModel] = []
     for spec in models:
         if spec.startswith("remote:"):
@@ -81,7 +89,7 @@ def run_server(
     if len(set(names)) != len(names):
         raise TertuliaError(f"Two models share a name ({', '.join(names)}).", "Serve each model once.")
     err.print(f"Tertulia serving {', '.join(names)} at http://{host}:{port}/v1", style="bold")
-    app = create_app(served, api_keys=keys, max_queue=max_queue)
+    app = create_app(served, api_keys=keys, max_queue=max_queue, store=store)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
     _serve(uvicorn.Server(config), next((m for m in served if isinstance(m, ServedModel)), None))
 

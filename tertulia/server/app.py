@@ -14,13 +14,19 @@ from tertulia.providers.local import ServedModel
 from tertulia.server import completions_api, errors, openai_api  # noqa: F401  (routes register on import)
 from tertulia.server.limits import BodyLimit, GuardMiddleware
 from tertulia.server.metrics import CONTENT_TYPE, Metrics
+from tertulia.store.conversations import Store
 
 
 def create_app(
-    models: list[ServedModel], *, api_keys: set[str] | None = None, max_queue: int = 256
+    models: list[ServedModel],
+    *,
+    api_keys: set[str] | None = None,
+    max_queue: int = 256,
+    store: Store | None = None,
 ) -> FastAPI:
     """`api_keys`: when given, every /v1 route needs one (as a Bearer token); /health stays open.
-    `max_queue`: requests in progress per model beyond which new ones get 429 + Retry-After."""
+    `max_queue`: requests in progress per model beyond which new ones get 429 + Retry-After.
+    `store`: where conversations are kept (opened and migrated by the caller)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -39,6 +45,7 @@ def create_app(
     app.state.started = int(time.time())
     app.state.ready = False
     app.state.max_queue = max_queue
+    app.state.store = store
     app.state.metrics = Metrics()
     for model in models:
         if isinstance(model, ServedModel):

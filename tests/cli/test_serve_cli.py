@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -16,8 +17,9 @@ from tests.server.conftest import free_port
 pytestmark = pytest.mark.slow
 
 
-def test_serve_answers_with_a_key_and_stops_on_sigterm(embedded_dir) -> None:
+def test_serve_answers_with_a_key_and_stops_on_sigterm(embedded_dir, tmp_path) -> None:
     port = free_port()
+    database = tmp_path / "chats.db"
     env = dict(os.environ, TERTULIA_API_KEYS="k1,k2")
     process = subprocess.Popen(
         [
@@ -31,6 +33,8 @@ def test_serve_answers_with_a_key_and_stops_on_sigterm(embedded_dir) -> None:
             "4",
             "--kv-memory",
             "64MiB",
+            "--database-url",
+            f"sqlite:///{database}",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -47,6 +51,9 @@ def test_serve_answers_with_a_key_and_stops_on_sigterm(embedded_dir) -> None:
             except httpx.TransportError:
                 time.sleep(0.2)
         assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        # The store was opened and migrated on start.
+        with sqlite3.connect(database) as connection:
+            assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
         assert httpx.get(f"{url}/v1/models").status_code == 401
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k2", max_retries=0)
         reply = client.chat.completions.create(
@@ -87,3 +94,24 @@ def test_serve_rejects_an_unreadable_kv_memory() -> None:
     )
     assert result.returncode == 1
     assert result.stderr.startswith("error: Cannot read 'lots' as a size.")
+
+
+def test_serve_rejects_an_unsupported_database_before_loading_models() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tertulia",
+            "serve",
+            "--port",
+            str(free_port()),
+            "--database-url",
+            "mysql://a@b/c",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: Unsupported database 'mysql'.")
+    assert "Loading" not in result.stderr
