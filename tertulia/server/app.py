@@ -11,7 +11,13 @@ from fastapi.responses import JSONResponse, Response
 
 from tertulia import __version__
 from tertulia.providers.local import ServedModel
-from tertulia.server import completions_api, errors, openai_api  # noqa: F401  (routes register on import)
+from tertulia.server import (  # noqa: F401  (completions routes register on import)
+    completions_api,
+    conversations_api,
+    errors,
+    openai_api,
+    replies_api,
+)
 from tertulia.server.limits import BodyLimit, GuardMiddleware
 from tertulia.server.metrics import CONTENT_TYPE, Metrics
 from tertulia.store.conversations import Store
@@ -54,6 +60,8 @@ def create_app(
     app.add_middleware(GuardMiddleware, api_keys=set(api_keys or ()))
     errors.install(app)
     app.include_router(openai_api.router)
+    app.include_router(conversations_api.router)
+    app.include_router(replies_api.router)
 
     @app.get("/metrics")
     async def metrics() -> Response:

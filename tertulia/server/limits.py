@@ -25,7 +25,8 @@ class GuardMiddleware(BaseHTTPMiddleware):
         self.max_body = max_body
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        if self.api_keys and request.url.path.startswith("/v1"):
+        # /api (the web app's conversations) is guarded like /v1 until accounts (--auth) exist.
+        if self.api_keys and request.url.path.startswith(("/v1", "/api")):
             header = request.headers.get("authorization", "")
             token = header[7:].strip() if header.lower().startswith("bearer ") else ""
             if not any(hmac.compare_digest(token, key) for key in self.api_keys):

@@ -1,0 +1,235 @@
+"""/api: the web app's conversations, personas and replies, kept in the store.
+
+A reply streams as server-sent events (`start`, `delta`..., `done`) and is saved while it streams: a
+reload mid-reply finds what was generated so far, and a reply whose client went away (Stop, a closed
+tab) stops generating at the engine's next step and is kept, marked incomplete.
+
+Without --auth every request acts as the store's local user; accounts come with the web app's login.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from tertulia.chat.conversation import check_settings
+from tertulia.server.errors import APIError
+from tertulia.store.conversations import NotFound, Store, Turn
+from tertulia.store.schema import Conversation, Message, Persona
+
+router = APIRouter(prefix="/api")
+
+MAX_MESSAGE_CHARS = 100_000  # a long paste is fine; a file's worth of text is an upload, not a message
+SAVE_EVERY_SECONDS = 0.25  # how often a streaming reply is written to the store
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ConversationFields(_Body):
+    title: Annotated[str, Field(min_length=1, max_length=300)] | None = None
+    system_prompt: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] | None = None
+    persona_id: str | None = None
+    model: str | None = None
+    settings: dict[str, Any] | None = None
+
+
+class PersonaFields(_Body):
+    name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    instructions: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] | None = None
+    model: str | None = None
+    settings: dict[str, Any] | None = None
+
+
+class ReplyRequest(_Body):
+    """Send `content` under `parent_id` (default: the shown leaf; an edit names the edited message's
+    parent), or with `regenerate`, answer the user message `parent_id` again."""
+
+    content: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] | None = None
+    parent_id: str | None = None
+    regenerate: bool = False
+    settings: dict[str, Any] | None = None
+
+
+class BranchRequest(_Body):
+    message_id: str
+
+
+class RatingRequest(_Body):
+    rating: Annotated[int, Field(ge=-1, le=1)]
+    comment: Annotated[str, Field(max_length=2000)] | None = None
+
+
+def request_store(request: Request) -> Store:
+    store = request.app.state.store
+    if store is None:
+        raise APIError(404, "This server keeps no conversations (it was started without a store).")
+    return store
+
+
+def request_user(request: Request) -> str:
+    """The local user's id, looked up once per server (accounts will come from the session)."""
+    state = request.app.state
+    if getattr(state, "local_user_id", None) is None:
+        state.local_user_id = request_store(request).local_user().id
+    return state.local_user_id
+
+
+async def store_call(request: Request, method: str, *args: Any, **kwargs: Any) -> Any:
+    """Run a store call off the event loop; NotFound becomes a 404 in OpenAI's error shape."""
+    store = request_store(request)
+    try:
+        return await asyncio.to_thread(getattr(store, method), *args, **kwargs)
+    except NotFound as exc:
+        raise APIError(404, exc.message, type="not_found_error") from None
+
+
+def check_request_settings(settings: dict[str, Any] | None) -> None:
+    try:
+        check_settings(settings or {})
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="settings") from None
+
+
+def conversation_json(conversation: Conversation) -> dict[str, Any]:
+    return {
+        "id": conversation.id,
+        "title": conversation.title,
+        "persona_id": conversation.persona_id,
+        "system_prompt": conversation.system_prompt,
+        "model": conversation.model,
+        "settings": conversation.settings,
+        "created_at": conversation.created_at.isoformat(),
+        "updated_at": conversation.updated_at.isoformat(),
+    }
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    return {
+        "id": message.id,
+        "parent_id": message.parent_id,
+        "role": message.role,
+        "content": message.content,
+        "status": message.status,
+        "model": message.model,
+        "completion_tokens": message.completion_tokens,
+        "tokens_per_second": message.tokens_per_second,
+        "created_at": message.created_at.isoformat(),
+    }
+
+
+def turn_json(turn: Turn) -> dict[str, Any]:
+    return dict(
+        message_json(turn.message), branch={"index": turn.index, "count": turn.count, "ids": turn.sibling_ids}
+    )
+
+
+def persona_json(persona: Persona) -> dict[str, Any]:
+    return {
+        "id": persona.id,
+        "name": persona.name,
+        "instructions": persona.instructions,
+        "model": persona.model,
+        "settings": persona.settings,
+    }
+
+
+# --- conversations ---------------------------------------------------------------------------------
+
+
+@router.get("/conversations")
+async def list_conversations(
+    request: Request,
+    search: str | None = None,
+    limit: Annotated[int, Field(ge=1, le=500)] = 100,
+    offset: int = 0,
+) -> list[dict[str, Any]]:
+    rows = await store_call(
+        request, "conversations", request_user(request), search=search, limit=limit, offset=max(offset, 0)
+    )
+    return [conversation_json(c) for c in rows]
+
+
+@router.post("/conversations", status_code=201)
+async def create_conversation(body: ConversationFields, request: Request) -> dict[str, Any]:
+    check_request_settings(body.settings)
+    fields = body.model_dump(exclude_none=True)
+    return conversation_json(
+        await store_call(request, "create_conversation", request_user(request), **fields)
+    )
+
+
+@router.get("/conversations/{conversation_id}")
+async def get_conversation(conversation_id: str, request: Request) -> dict[str, Any]:
+    user = request_user(request)
+    conversation = await store_call(request, "conversation", user, conversation_id)
+    turns = await store_call(request, "path", user, conversation_id)
+    ratings = await store_call(request, "ratings", user, conversation_id)
+    return dict(conversation_json(conversation), messages=[turn_json(t) for t in turns], ratings=ratings)
+
+
+@router.patch("/conversations/{conversation_id}")
+async def update_conversation(
+    conversation_id: str, body: ConversationFields, request: Request
+) -> dict[str, Any]:
+    check_request_settings(body.settings)
+    fields = body.model_dump(exclude_unset=True)
+    if "title" in fields and fields["title"] is None:
+        raise APIError(400, "title cannot be empty", param="title")
+    return conversation_json(
+        await store_call(request, "update_conversation", request_user(request), conversation_id, **fields)
+    )
+
+
+@router.delete("/conversations/{conversation_id}", status_code=204)
+async def delete_conversation(conversation_id: str, request: Request) -> Response:
+    await store_call(request, "delete_conversation", request_user(request), conversation_id)
+    return Response(status_code=204)
+
+
+@router.post("/conversations/{conversation_id}/branch")
+async def show_branch(conversation_id: str, body: BranchRequest, request: Request) -> list[dict[str, Any]]:
+    turns = await store_call(request, "show_branch", request_user(request), conversation_id, body.message_id)
+    return [turn_json(t) for t in turns]
+
+
+@router.post("/messages/{message_id}/rating", status_code=204)
+async def rate(message_id: str, body: RatingRequest, request: Request) -> Response:
+    await store_call(request, "rate", request_user(request), message_id, body.rating, body.comment)
+    return Response(status_code=204)
+
+
+# --- personas --------------------------------------------------------------------------------------
+
+
+@router.get("/personas")
+async def list_personas(request: Request) -> list[dict[str, Any]]:
+    return [persona_json(p) for p in await store_call(request, "personas", request_user(request))]
+
+
+@router.post("/personas", status_code=201)
+async def create_persona(body: PersonaFields, request: Request) -> dict[str, Any]:
+    if not body.name:
+        raise APIError(400, "A persona needs a name.", param="name")
+    check_request_settings(body.settings)
+    fields = body.model_dump(exclude_none=True)
+    return persona_json(await store_call(request, "create_persona", request_user(request), **fields))
+
+
+@router.patch("/personas/{persona_id}")
+async def update_persona(persona_id: str, body: PersonaFields, request: Request) -> dict[str, Any]:
+    check_request_settings(body.settings)
+    fields = body.model_dump(exclude_none=True)
+    return persona_json(
+        await store_call(request, "update_persona", request_user(request), persona_id, **fields)
+    )
+
+
+@router.delete("/personas/{persona_id}", status_code=204)
+async def delete_persona(persona_id: str, request: Request) -> Response:
+    await store_call(request, "delete_persona", request_user(request), persona_id)
+    return Response(status_code=204)

@@ -1,0 +1,198 @@
+"""POST /api/conversations/{id}/reply: send a message (or regenerate) and stream the saved reply.
+
+Events, one JSON object per `data:` line:
+- `start`: the user message (unless regenerating), the reply's id, prompt tokens, context size and how
+  many earlier messages were left out to fit it (the UI's context meter);
+- `delta`: more reply text;
+- `done`: the reply's final status (`complete`, or `incomplete` if stopped), its token count and speed.
+The prompt is fitted to the context before anything is stored, so a message that cannot fit is
+refused (400 `context_length_exceeded`) without leaving a question with no answer behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from tertulia.chat.context import fit
+from tertulia.chat.conversation import merged_settings, prompt_messages
+from tertulia.chat.session import DEFAULT_REPLY_RESERVE
+from tertulia.engine.runner import RequestStream
+from tertulia.engine.sampling import SamplingParams
+from tertulia.providers.local import ServedModel
+from tertulia.server.conversations_api import (
+    SAVE_EVERY_SECONDS,
+    ReplyRequest,
+    check_request_settings,
+    message_json,
+    request_store,
+    request_user,
+    store_call,
+)
+from tertulia.server.errors import APIError
+from tertulia.server.openai_api import pick_model, served_models
+from tertulia.store.conversations import Store
+
+router = APIRouter(prefix="/api")
+
+# What a reply uses when neither the persona, the conversation nor the request says otherwise: the
+# terminal chat's defaults (small models loop without a little repetition penalty).
+DEFAULT_SETTINGS = {"temperature": 0.3, "top_p": 0.9, "repetition_penalty": 1.1}
+
+
+def _sampling(settings: dict[str, Any], max_tokens: int) -> SamplingParams:
+    return SamplingParams(
+        temperature=settings["temperature"],
+        top_p=settings["top_p"],
+        repetition_penalty=settings["repetition_penalty"],
+        frequency_penalty=settings.get("frequency_penalty", 0.0),
+        presence_penalty=settings.get("presence_penalty", 0.0),
+        seed=settings.get("seed"),
+        stop=list(settings.get("stop", [])),
+        max_tokens=max_tokens,
+    )
+
+
+def _local_model(request: Request, name: str | None) -> ServedModel:
+    if name is None:
+        local = [m for m in served_models(request).values() if isinstance(m, ServedModel)]
+        if not local:
+            raise APIError(
+                400, "No local model is served; choose a model for this conversation.", param="model"
+            )
+        name = local[0].name
+    model = pick_model(request, name)
+    if not isinstance(model, ServedModel):
+        raise APIError(
+            400, f"Conversations with the remote model '{name}' are not supported yet.", param="model"
+        )
+    return model
+
+
+@router.post("/conversations/{conversation_id}/reply", response_model=None)
+async def reply(conversation_id: str, body: ReplyRequest, request: Request) -> StreamingResponse:
+    user = request_user(request)
+    conversation = await store_call(request, "conversation", user, conversation_id)
+    persona = (
+        await store_call(request, "persona", user, conversation.persona_id)
+        if conversation.persona_id
+        else None
+    )
+    check_request_settings(body.settings)
+    settings = merged_settings(
+        DEFAULT_SETTINGS, persona.settings if persona else None, conversation.settings, body.settings
+    )
+    model = _local_model(request, conversation.model or (persona.model if persona else None))
+
+    if body.regenerate:
+        if body.content is not None or not body.parent_id:
+            raise APIError(
+                400, "To regenerate, give the user message to answer as parent_id, and no content."
+            )
+        turns = await store_call(request, "path", user, conversation_id, body.parent_id)
+        if turns[-1].message.role != "user":
+            raise APIError(400, "Only an answer to a user message can be regenerated.", param="parent_id")
+        new_text = None
+    else:
+        if body.content is None or not body.content.strip():
+            raise APIError(400, "The message is empty.", param="content")
+        parent = body.parent_id if "parent_id" in body.model_fields_set else conversation.current_leaf_id
+        turns = await store_call(request, "path", user, conversation_id, parent) if parent else []
+        new_text = body.content
+
+    messages = prompt_messages(turns, conversation, persona)
+    if new_text is not None:
+        messages.append({"role": "user", "content": new_text})
+    provider = model.provider
+    context = provider.context_length
+    reserve = settings.get("max_tokens") or min(DEFAULT_REPLY_RESERVE, context // 4)
+    fitted = await asyncio.to_thread(fit, messages, provider.count_tokens, context, reserve)
+    params = _sampling(settings, min(reserve, context - fitted.prompt_tokens))
+    stream = model.submit_chat(fitted.messages, params)  # validates; raises before anything is stored
+
+    question = None
+    if new_text is not None:
+        question = await store_call(
+            request, "add_message", user, conversation_id, "user", new_text, parent_id=parent
+        )
+    parent_id = question.id if question is not None else turns[-1].message.id
+    answer = await store_call(
+        request,
+        "add_message",
+        user,
+        conversation_id,
+        "assistant",
+        "",
+        parent_id=parent_id,
+        status="streaming",
+        model=model.name,
+    )
+    start = {
+        "type": "start",
+        "user_message": message_json(question) if question is not None else None,
+        "assistant_message_id": answer.id,
+        "prompt_tokens": fitted.prompt_tokens,
+        "context": context,
+        "dropped": fitted.dropped,
+        "notice": fitted.notice,
+    }
+    return StreamingResponse(
+        _events(request_store(request), stream, answer.id, start),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
+def _sse(event: dict[str, Any]) -> str:
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+async def _events(
+    store: Store, stream: RequestStream, message_id: str, start: dict[str, Any]
+) -> AsyncIterator[str]:
+    yield _sse(start)
+    pending: list[str] = []
+    last_save = time.perf_counter()
+    tokens, first, last = 0, None, None
+    finish = None
+    try:
+        async for out in stream:
+            now = time.perf_counter()
+            if out.token is not None:
+                tokens += 1
+                first = first if first is not None else now
+                last = now
+            if out.text:
+                pending.append(out.text)
+                yield _sse({"type": "delta", "text": out.text})
+            if pending and now - last_save >= SAVE_EVERY_SECONDS:
+                await asyncio.to_thread(store.append, message_id, "".join(pending))
+                pending, last_save = [], now
+            if out.finished:
+                finish = out.sequence.finish_reason
+    finally:
+        # Also reached when the client goes away (Stop, a closed tab): the generator is closed. Saving
+        # here is synchronous because the task may be cancelled; it is one short transaction.
+        stream.cancel()
+        if pending:
+            store.append(message_id, "".join(pending))
+        status = "complete" if finish in ("stop", "length") else "incomplete"
+        speed = (
+            (tokens - 1) / (last - first) if first is not None and last is not None and last > first else None
+        )
+        store.finish(message_id, status, completion_tokens=tokens, tokens_per_second=speed)
+    yield _sse(
+        {
+            "type": "done",
+            "status": status,
+            "finish_reason": finish,
+            "completion_tokens": tokens,
+            "tokens_per_second": speed,
+        }
+    )
