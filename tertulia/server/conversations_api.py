@@ -10,13 +10,16 @@ Without --auth every request acts as the store's local user; accounts come with 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Body, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from tertulia.chat.conversation import check_settings
+from tertulia.errors import TertuliaError
 from tertulia.server.errors import APIError
+from tertulia.store import transfer
 from tertulia.store.conversations import NotFound, Store, Turn
 from tertulia.store.schema import Conversation, Message, Persona
 
@@ -189,6 +192,33 @@ async def update_conversation(
 async def delete_conversation(conversation_id: str, request: Request) -> Response:
     await store_call(request, "delete_conversation", request_user(request), conversation_id)
     return Response(status_code=204)
+
+
+@router.get("/conversations/{conversation_id}/export", response_model=None)
+async def export(
+    conversation_id: str, request: Request, format: Literal["json", "markdown"] = "json"
+) -> JSONResponse | PlainTextResponse:
+    store, user = request_store(request), request_user(request)
+    exporter = transfer.export_json if format == "json" else transfer.export_markdown
+    try:
+        data = await asyncio.to_thread(exporter, store, user, conversation_id)
+    except NotFound as exc:
+        raise APIError(404, exc.message, type="not_found_error") from None
+    name = f"conversation-{conversation_id}.{'json' if format == 'json' else 'md'}"
+    headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+    if format == "json":
+        return JSONResponse(data, headers=headers)
+    return PlainTextResponse(data, media_type="text/markdown; charset=utf-8", headers=headers)
+
+
+@router.post("/conversations/import", status_code=201)
+async def import_conversation(request: Request, data: Annotated[Any, Body()]) -> dict[str, Any]:
+    store, user = request_store(request), request_user(request)
+    try:
+        conversation = await asyncio.to_thread(transfer.import_json, store, user, data)
+    except TertuliaError as exc:
+        raise APIError(400, str(exc)) from None
+    return conversation_json(conversation)
 
 
 @router.post("/conversations/{conversation_id}/branch")

@@ -186,3 +186,47 @@ def test_api_keys_guard_the_conversations_too(make_tiny_model, tmp_path: Path) -
     with running(create_app([served], api_keys={"k"}, store=store)) as url:
         assert httpx.get(f"{url}/api/conversations").status_code == 401
         assert httpx.get(f"{url}/api/conversations", headers={"Authorization": "Bearer k"}).json() == []
+
+
+def test_export_and_import_keep_the_whole_tree(server) -> None:
+    api, _, _ = server
+    conversation = new_conversation(api, system_prompt="Be brief.", settings={"max_tokens": 4})
+    question = send(api, conversation, content="Name a colour.")[0]["user_message"]["id"]
+    send(api, conversation, parent_id=question, regenerate=True)
+    exported = httpx.get(f"{api}/conversations/{conversation}/export")
+    assert exported.status_code == 200 and "attachment" in exported.headers["content-disposition"]
+    data = exported.json()
+    assert data["format"] == "tertulia.conversation" and len(data["messages"]) == 3
+    imported = httpx.post(f"{api}/conversations/import", json=data)
+    assert imported.status_code == 201, imported.text
+    copy, original = (
+        httpx.get(f"{api}/conversations/{i}").json() for i in (imported.json()["id"], conversation)
+    )
+    assert copy["id"] != original["id"] and copy["system_prompt"] == "Be brief."
+    assert [(m["role"], m["content"], m["branch"]["count"]) for m in copy["messages"]] == [
+        (m["role"], m["content"], m["branch"]["count"]) for m in original["messages"]
+    ]
+    assert not {m["id"] for m in copy["messages"]} & {m["id"] for m in original["messages"]}
+    markdown = httpx.get(f"{api}/conversations/{conversation}/export", params={"format": "markdown"}).text
+    assert markdown.startswith("# Name a colour.") and "> Be brief." in markdown
+    assert "**You**\n\nName a colour." in markdown and markdown.count("**Assistant**") == 1
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"format": "something else"},
+        {"version": 99},
+        {"messages": [{"id": "a", "parent_id": "b", "role": "user", "content": "x"}]},
+        {"messages": [{"id": "a", "parent_id": None, "role": "tool", "content": "x"}]},
+        {"messages": [{"id": "a", "parent_id": None, "role": "user", "content": 5}]},
+        {"title": ["not", "text"]},
+    ],
+    ids=["format", "version", "dangling-parent", "role", "content", "title"],
+)
+def test_a_bad_import_changes_nothing(server, broken: dict) -> None:
+    api, _, _ = server
+    data = {"format": "tertulia.conversation", "version": 1, "title": "t", "messages": [], **broken}
+    response = httpx.post(f"{api}/conversations/import", json=data)
+    assert response.status_code == 400 and "Not a conversation export" in response.json()["error"]["message"]
+    assert httpx.get(f"{api}/conversations").json() == []

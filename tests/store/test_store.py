@@ -258,3 +258,23 @@ def test_a_killed_process_loses_no_committed_text(database: Database) -> None:
     numbers = reply.content.split(",")[:-1]
     assert reply.status == "incomplete" and reply.content.endswith(",")
     assert numbers == [str(i) for i in range(len(numbers))] and len(numbers) > 5
+
+
+def test_export_import_round_trip(store: Store) -> None:
+    from tertulia.store import transfer
+
+    user = store.local_user().id
+    conversation = store.create_conversation(user, system_prompt="Be kind.").id
+    question = store.add_message(user, conversation, "user", "¿Qué tal?")
+    store.add_message(user, conversation, "assistant", "Bien 😀", parent_id=question.id)
+    store.add_message(user, conversation, "assistant", "Muy bien", parent_id=question.id, status="streaming")
+    data = transfer.export_json(store, user, conversation)
+    copy = transfer.import_json(store, user, data)
+    shown = [
+        (t.message.role, t.message.content, t.message.status, t.count) for t in store.path(user, copy.id)
+    ]
+    assert shown == [("user", "¿Qué tal?", "complete", 1), ("assistant", "Muy bien", "incomplete", 2)]
+    assert store.conversation(user, copy.id).system_prompt == "Be kind."
+    other = store.create_user("other", None).id
+    with pytest.raises(NotFound):
+        transfer.export_json(store, other, conversation)
