@@ -113,7 +113,14 @@ def serve(
         ),
     ] = None,
     insecure: Annotated[
-        bool, typer.Option(help="Allow binding a non-loopback address without API keys.")
+        bool, typer.Option(help="Allow binding a non-loopback address without API keys or accounts.")
+    ] = False,
+    auth: Annotated[
+        bool,
+        typer.Option(
+            help="Accounts: the first to register is the admin; browsers log in, programs use "
+            "per-user API keys. Without it, one local user and no login."
+        ),
     ] = False,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health)."""
@@ -130,6 +137,7 @@ def serve(
         insecure=insecure,
         kv_memory=kv_memory,
         database_url=database_url,
+        auth=auth,
     )
 
 

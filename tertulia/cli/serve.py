@@ -16,6 +16,7 @@ from tertulia.engine.quant import check_mode
 from tertulia.errors import TertuliaError
 from tertulia.providers.local import LocalProvider, ServedModel
 from tertulia.providers.remote import RemoteModel
+from tertulia.store.accounts import Accounts
 from tertulia.store.conversations import Store
 from tertulia.store.database import open_store
 
@@ -38,7 +39,10 @@ def parse_size(text: str) -> int:
     unit = match.group(2).lower() if match else ""
     if not match or unit not in _UNITS:
         raise TertuliaError(f"Cannot read {text!r} as a size.", "Write it like 2GiB, 512MB or 1000000.")
-    return int(float(match.group(1)) * _UNITS[unit])
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise TertuliaError(f"A size must be more than zero bytes, not {text!r}.")
+    return size
 
 
 def run_server(
@@ -53,6 +57,7 @@ def run_server(
     insecure: bool,
     kv_memory: str | None = None,
     database_url: str | None = None,
+    auth: bool = False,
 ) -> None:
     import uvicorn
 
@@ -63,7 +68,7 @@ def run_server(
     keys = set(api_keys) | {
         k.strip() for k in os.environ.get("TERTULIA_API_KEYS", "").split(",") if k.strip()
     }
-    if not _is_loopback(host) and not keys and not insecure:
+    if not _is_loopback(host) and not keys and not auth and not insecure:
         raise TertuliaError(
             f"Refusing to serve on {host} without API keys: anyone who can reach it could use it.",
             "Bind 127.0.0.1, or pass --insecure if the network is trusted.",
@@ -74,6 +79,8 @@ def run_server(
     interrupted = store.close_interrupted()
     if interrupted:
         err.print(f"{interrupted} reply(ies) cut short by the last shutdown were kept, marked incomplete.")
+    if auth and not Accounts(store).has_accounts():
+        err.print("No account yet: the first to register (POST /api/auth/register) becomes the admin.")
     served: list[ServedModel | RemoteModel] = []
     for spec in models:
         if spec.startswith("remote:"):
@@ -89,7 +96,7 @@ def run_server(
     if len(set(names)) != len(names):
         raise TertuliaError(f"Two models share a name ({', '.join(names)}).", "Serve each model once.")
     err.print(f"Tertulia serving {', '.join(names)} at http://{host}:{port}/v1", style="bold")
-    app = create_app(served, api_keys=keys, max_queue=max_queue, store=store)
+    app = create_app(served, api_keys=keys, max_queue=max_queue, store=store, auth=auth)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
     _serve(uvicorn.Server(config), next((m for m in served if isinstance(m, ServedModel)), None))
 

@@ -9,6 +9,10 @@ When decode needs a block and the budget is spent, the most recently admitted se
 its blocks are freed and it waits at the head of the queue, to be recomputed (prompt plus what it has
 generated) when memory frees up. The alternative, reserving a request's whole maximum length up front,
 would leave most of the budget idle.
+
+A prefix-cache hit or a recomputation after preemption prefills in chunks of other sizes, so the
+logits differ from a cold run in their last bits; the sampler's draw (sampling.draw) gives the same
+token anyway unless two tokens are tied to within that noise.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ class Engine:
             )
         self.quantization = quant.apply(model.module, quantization, cache_file)
         context = min(model.context_length, max_context or model.context_length)
-        memory = kv_memory or default_kv_memory(model, max_batch, context)
+        memory = kv_memory if kv_memory is not None else default_kv_memory(model, max_batch, context)
         block_bytes = bytes_per_position(model.config) * BLOCK_SIZE
         if memory < block_bytes * 2:
             raise TertuliaError(
@@ -180,6 +184,8 @@ class Engine:
             produced, used = self._prefill_chunk()
             outputs += produced
             budget -= used
+        # Sequences that finished in their prefill free their blocks before decode may need them.
+        self._release_finished()
         if decoding:
             outputs += self._decode(decoding)
         self._release_finished()
@@ -275,7 +281,9 @@ class Engine:
                 self._free(seq)
 
     def _free(self, seq: Sequence) -> None:
-        self.blocks.release(seq.blocks)
+        # Last block first: cached blocks become evictable in that order, so eviction (least recently
+        # released first) takes a prompt's tail before its start, and the start stays findable.
+        self.blocks.release(seq.blocks[::-1])
         seq.blocks = []
 
     def _grow(self, sequences: list[Sequence]) -> list[Sequence]:

@@ -19,9 +19,11 @@ from typing import NamedTuple
 import torch
 
 WHITESPACE = frozenset(b" \t\n\r")
-# Consecutive whitespace allowed between tokens of JSON: enough to indent, not enough to loop forever
-# on newlines (the classic failure of unconstrained small models in JSON mode).
-MAX_WHITESPACE = 24
+# Whitespace between tokens of JSON: enough to indent deeply nested output, not enough to loop forever
+# on newlines or spaces (the classic failure of small models in JSON mode). Indentation is counted
+# from the last newline.
+MAX_WHITESPACE = 64  # spaces, tabs and carriage returns in a row
+MAX_NEWLINES = 2  # newlines in a row: a blank line, no more
 _DIGITS = frozenset(b"0123456789")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _ESCAPES = frozenset(b'"\\/bfnrt')
@@ -37,6 +39,7 @@ class State(NamedTuple):
     # left); num: sub-state; lit: bytes left
     aux: object = None
     spaces: int = 0
+    newlines: int = 0
 
 
 START = State("start")
@@ -131,6 +134,10 @@ def step(state: State, byte: int) -> State | None:
         return State("lit", stack, rest[1:]) if len(rest) > 1 else _value_done(stack)
     if mode == "done":
         return None
+    if byte == ord("\n"):
+        return (
+            state._replace(newlines=state.newlines + 1, spaces=0) if state.newlines < MAX_NEWLINES else None
+        )
     if byte in WHITESPACE:
         return state._replace(spaces=state.spaces + 1) if state.spaces < MAX_WHITESPACE else None
     if mode == "start":

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from tertulia import __version__
 from tertulia.providers.local import ServedModel
 from tertulia.server import (  # noqa: F401  (completions routes register on import)
+    auth_api,
     completions_api,
     conversations_api,
     errors,
@@ -20,6 +21,7 @@ from tertulia.server import (  # noqa: F401  (completions routes register on imp
 )
 from tertulia.server.limits import BodyLimit, GuardMiddleware
 from tertulia.server.metrics import CONTENT_TYPE, Metrics
+from tertulia.store.accounts import Accounts
 from tertulia.store.conversations import Store
 
 
@@ -29,10 +31,15 @@ def create_app(
     api_keys: set[str] | None = None,
     max_queue: int = 256,
     store: Store | None = None,
+    auth: bool = False,
 ) -> FastAPI:
     """`api_keys`: when given, every /v1 route needs one (as a Bearer token); /health stays open.
     `max_queue`: requests in progress per model beyond which new ones get 429 + Retry-After.
-    `store`: where conversations are kept (opened and migrated by the caller)."""
+    `store`: where conversations are kept (opened and migrated by the caller).
+    `auth`: accounts (login, per-user API keys) instead of a single local user; needs `store`."""
+    if auth and store is None:
+        raise ValueError("accounts need a store")
+    accounts = Accounts(store) if auth and store is not None else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -52,14 +59,20 @@ def create_app(
     app.state.ready = False
     app.state.max_queue = max_queue
     app.state.store = store
+    app.state.accounts = accounts
     app.state.metrics = Metrics()
     for model in models:
         if isinstance(model, ServedModel):
             app.state.metrics.watch(model)
     app.add_middleware(BodyLimit)
-    app.add_middleware(GuardMiddleware, api_keys=set(api_keys or ()))
+    app.add_middleware(
+        GuardMiddleware,
+        api_keys=set(api_keys or ()),
+        key_user=accounts.key_user if accounts is not None else None,
+    )
     errors.install(app)
     app.include_router(openai_api.router)
+    app.include_router(auth_api.router)
     app.include_router(conversations_api.router)
     app.include_router(replies_api.router)
 

@@ -4,7 +4,8 @@ A reply streams as server-sent events (`start`, `delta`..., `done`) and is saved
 reload mid-reply finds what was generated so far, and a reply whose client went away (Stop, a closed
 tab) stops generating at the engine's next step and is kept, marked incomplete.
 
-Without --auth every request acts as the store's local user; accounts come with the web app's login.
+Without --auth every request acts as the store's local user; with it, as the logged-in account
+(see auth_api.py), which never reaches another account's rows.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tertulia.chat.conversation import check_settings
 from tertulia.errors import TertuliaError
+from tertulia.server.auth_api import request_store, request_user
 from tertulia.server.errors import APIError
 from tertulia.store import transfer
-from tertulia.store.conversations import NotFound, Store, Turn
+from tertulia.store.conversations import NotFound, Turn
 from tertulia.store.schema import Conversation, Message, Persona
 
 router = APIRouter(prefix="/api")
@@ -65,21 +67,6 @@ class BranchRequest(_Body):
 class RatingRequest(_Body):
     rating: Annotated[int, Field(ge=-1, le=1)]
     comment: Annotated[str, Field(max_length=2000)] | None = None
-
-
-def request_store(request: Request) -> Store:
-    store = request.app.state.store
-    if store is None:
-        raise APIError(404, "This server keeps no conversations (it was started without a store).")
-    return store
-
-
-def request_user(request: Request) -> str:
-    """The local user's id, looked up once per server (accounts will come from the session)."""
-    state = request.app.state
-    if getattr(state, "local_user_id", None) is None:
-        state.local_user_id = request_store(request).local_user().id
-    return state.local_user_id
 
 
 async def store_call(request: Request, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -152,7 +139,12 @@ async def list_conversations(
     offset: int = 0,
 ) -> list[dict[str, Any]]:
     rows = await store_call(
-        request, "conversations", request_user(request), search=search, limit=limit, offset=max(offset, 0)
+        request,
+        "conversations",
+        await request_user(request),
+        search=search,
+        limit=limit,
+        offset=max(offset, 0),
     )
     return [conversation_json(c) for c in rows]
 
@@ -162,13 +154,13 @@ async def create_conversation(body: ConversationFields, request: Request) -> dic
     check_request_settings(body.settings)
     fields = body.model_dump(exclude_none=True)
     return conversation_json(
-        await store_call(request, "create_conversation", request_user(request), **fields)
+        await store_call(request, "create_conversation", await request_user(request), **fields)
     )
 
 
 @router.get("/conversations/{conversation_id}")
 async def get_conversation(conversation_id: str, request: Request) -> dict[str, Any]:
-    user = request_user(request)
+    user = await request_user(request)
     conversation = await store_call(request, "conversation", user, conversation_id)
     turns = await store_call(request, "path", user, conversation_id)
     ratings = await store_call(request, "ratings", user, conversation_id)
@@ -184,13 +176,15 @@ async def update_conversation(
     if "title" in fields and fields["title"] is None:
         raise APIError(400, "title cannot be empty", param="title")
     return conversation_json(
-        await store_call(request, "update_conversation", request_user(request), conversation_id, **fields)
+        await store_call(
+            request, "update_conversation", await request_user(request), conversation_id, **fields
+        )
     )
 
 
 @router.delete("/conversations/{conversation_id}", status_code=204)
 async def delete_conversation(conversation_id: str, request: Request) -> Response:
-    await store_call(request, "delete_conversation", request_user(request), conversation_id)
+    await store_call(request, "delete_conversation", await request_user(request), conversation_id)
     return Response(status_code=204)
 
 
@@ -198,7 +192,7 @@ async def delete_conversation(conversation_id: str, request: Request) -> Respons
 async def export(
     conversation_id: str, request: Request, format: Literal["json", "markdown"] = "json"
 ) -> JSONResponse | PlainTextResponse:
-    store, user = request_store(request), request_user(request)
+    store, user = request_store(request), await request_user(request)
     exporter = transfer.export_json if format == "json" else transfer.export_markdown
     try:
         data = await asyncio.to_thread(exporter, store, user, conversation_id)
@@ -213,7 +207,7 @@ async def export(
 
 @router.post("/conversations/import", status_code=201)
 async def import_conversation(request: Request, data: Annotated[Any, Body()]) -> dict[str, Any]:
-    store, user = request_store(request), request_user(request)
+    store, user = request_store(request), await request_user(request)
     try:
         conversation = await asyncio.to_thread(transfer.import_json, store, user, data)
     except TertuliaError as exc:
@@ -223,13 +217,15 @@ async def import_conversation(request: Request, data: Annotated[Any, Body()]) ->
 
 @router.post("/conversations/{conversation_id}/branch")
 async def show_branch(conversation_id: str, body: BranchRequest, request: Request) -> list[dict[str, Any]]:
-    turns = await store_call(request, "show_branch", request_user(request), conversation_id, body.message_id)
+    turns = await store_call(
+        request, "show_branch", await request_user(request), conversation_id, body.message_id
+    )
     return [turn_json(t) for t in turns]
 
 
 @router.post("/messages/{message_id}/rating", status_code=204)
 async def rate(message_id: str, body: RatingRequest, request: Request) -> Response:
-    await store_call(request, "rate", request_user(request), message_id, body.rating, body.comment)
+    await store_call(request, "rate", await request_user(request), message_id, body.rating, body.comment)
     return Response(status_code=204)
 
 
@@ -238,7 +234,7 @@ async def rate(message_id: str, body: RatingRequest, request: Request) -> Respon
 
 @router.get("/personas")
 async def list_personas(request: Request) -> list[dict[str, Any]]:
-    return [persona_json(p) for p in await store_call(request, "personas", request_user(request))]
+    return [persona_json(p) for p in await store_call(request, "personas", await request_user(request))]
 
 
 @router.post("/personas", status_code=201)
@@ -247,7 +243,7 @@ async def create_persona(body: PersonaFields, request: Request) -> dict[str, Any
         raise APIError(400, "A persona needs a name.", param="name")
     check_request_settings(body.settings)
     fields = body.model_dump(exclude_none=True)
-    return persona_json(await store_call(request, "create_persona", request_user(request), **fields))
+    return persona_json(await store_call(request, "create_persona", await request_user(request), **fields))
 
 
 @router.patch("/personas/{persona_id}")
@@ -255,11 +251,11 @@ async def update_persona(persona_id: str, body: PersonaFields, request: Request)
     check_request_settings(body.settings)
     fields = body.model_dump(exclude_none=True)
     return persona_json(
-        await store_call(request, "update_persona", request_user(request), persona_id, **fields)
+        await store_call(request, "update_persona", await request_user(request), persona_id, **fields)
     )
 
 
 @router.delete("/personas/{persona_id}", status_code=204)
 async def delete_persona(persona_id: str, request: Request) -> Response:
-    await store_call(request, "delete_persona", request_user(request), persona_id)
+    await store_call(request, "delete_persona", await request_user(request), persona_id)
     return Response(status_code=204)

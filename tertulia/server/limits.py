@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.responses import Response
@@ -17,19 +19,37 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 class GuardMiddleware(BaseHTTPMiddleware):
-    """API keys on /v1 (when configured) and a body-size limit, answered in OpenAI's error shape."""
+    """API keys on /v1 (when configured) and a body-size limit, answered in OpenAI's error shape.
 
-    def __init__(self, app, api_keys: set[str], max_body: int = MAX_BODY_BYTES) -> None:  # type: ignore[no-untyped-def]
+    With accounts (`key_user`), /v1 also takes any user's API key, and /api is left to the routes
+    (session cookie or key, see auth_api). Without accounts, /api is guarded by the server's keys.
+    """
+
+    def __init__(
+        self,
+        app,  # type: ignore[no-untyped-def]
+        api_keys: set[str],
+        key_user: Callable[[str], object | None] | None = None,
+        max_body: int = MAX_BODY_BYTES,
+    ) -> None:
         super().__init__(app)
         self.api_keys = api_keys
+        self.key_user = key_user
         self.max_body = max_body
 
+    def _allowed(self, token: str) -> bool:
+        if any(hmac.compare_digest(token, key) for key in self.api_keys):
+            return True
+        return self.key_user is not None and bool(token) and self.key_user(token) is not None
+
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        # /api (the web app's conversations) is guarded like /v1 until accounts (--auth) exist.
-        if self.api_keys and request.url.path.startswith(("/v1", "/api")):
+        path = request.url.path
+        guarded = path.startswith("/v1") and (self.api_keys or self.key_user is not None)
+        guarded = guarded or (path.startswith("/api") and self.api_keys and self.key_user is None)
+        if guarded:
             header = request.headers.get("authorization", "")
             token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-            if not any(hmac.compare_digest(token, key) for key in self.api_keys):
+            if not await run_in_threadpool(self._allowed, token):
                 return envelope(
                     401,
                     "Missing or invalid API key: send 'Authorization: Bearer <key>'.",

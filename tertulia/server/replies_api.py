@@ -26,13 +26,12 @@ from tertulia.chat.session import DEFAULT_REPLY_RESERVE
 from tertulia.engine.runner import RequestStream
 from tertulia.engine.sampling import SamplingParams
 from tertulia.providers.local import ServedModel
+from tertulia.server.auth_api import request_store, request_user
 from tertulia.server.conversations_api import (
     SAVE_EVERY_SECONDS,
     ReplyRequest,
     check_request_settings,
     message_json,
-    request_store,
-    request_user,
     store_call,
 )
 from tertulia.server.errors import APIError
@@ -77,7 +76,7 @@ def _local_model(request: Request, name: str | None) -> ServedModel:
 
 @router.post("/conversations/{conversation_id}/reply", response_model=None)
 async def reply(conversation_id: str, body: ReplyRequest, request: Request) -> StreamingResponse:
-    user = request_user(request)
+    user = await request_user(request)
     conversation = await store_call(request, "conversation", user, conversation_id)
     persona = (
         await store_call(request, "persona", user, conversation.persona_id)

@@ -53,7 +53,7 @@ def test_serve_answers_with_a_key_and_stops_on_sigterm(embedded_dir, tmp_path) -
         assert process.poll() is None, process.stderr.read() if process.stderr else ""
         # The store was opened and migrated on start.
         with sqlite3.connect(database) as connection:
-            assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+            assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
         assert httpx.get(f"{url}/v1/models").status_code == 401
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k2", max_retries=0)
         reply = client.chat.completions.create(
@@ -85,15 +85,18 @@ def test_serve_refuses_a_public_address_without_keys() -> None:
     assert result.stderr.startswith("error: Refusing to serve on 0.0.0.0")
 
 
-def test_serve_rejects_an_unreadable_kv_memory() -> None:
+@pytest.mark.parametrize(
+    ("size", "message"), [("lots", "Cannot read 'lots' as a size."), ("0", "A size must be more than zero")]
+)
+def test_serve_rejects_an_unusable_kv_memory(size: str, message: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "tertulia", "serve", "--port", str(free_port()), "--kv-memory", "lots"],
+        [sys.executable, "-m", "tertulia", "serve", "--port", str(free_port()), "--kv-memory", size],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 1
-    assert result.stderr.startswith("error: Cannot read 'lots' as a size.")
+    assert result.stderr.startswith(f"error: {message}")
 
 
 def test_serve_rejects_an_unsupported_database_before_loading_models() -> None:

@@ -522,10 +522,25 @@ def test_a_sequence_that_finished_this_step_is_never_preempted(make_tiny_model: 
     brief = engine.add(random_prompt(3 * BLOCK_SIZE, seed=2), greedy(1))[0]
     engine.step()
     assert brief.finish_reason == "length" and len(brief.output) == 1
-    assert engine.preemptions == 1 and grower.status is Status.WAITING
+    # Its blocks were released before decode grew the other sequence: nobody had to be preempted.
+    assert engine.preemptions == 0 and grower.status is Status.RUNNING and len(grower.blocks) == 2
     run(engine)
     assert len(brief.output) == 1
     assert grower.output == generate(Engine(model, max_batch=1), grower.prompt, greedy(40))[0].output
+
+
+def test_eviction_keeps_the_start_of_a_cached_prompt(make_tiny_model: MakeModel) -> None:
+    """Evicting one block of a cached prompt takes its last block, so the rest is still found."""
+    model = make_tiny_model(seed=1, max_position_embeddings=1024)
+    per_block = bytes_per_position(model.config) * BLOCK_SIZE
+    engine = Engine(model, max_batch=2, kv_memory=10 * per_block)
+    prompt = random_prompt(4 * BLOCK_SIZE + 5, seed=1)
+    generate(engine, prompt, greedy(1))  # caches its 4 full blocks
+    free = engine.blocks.available - 4
+    generate(engine, random_prompt(BLOCK_SIZE * free + 1, seed=2), greedy(1))  # evicts exactly one
+    before = engine.blocks.hits
+    generate(engine, prompt, greedy(1))
+    assert engine.blocks.hits - before == 3
 
 
 def test_prefix_cache_reuses_a_shared_prompt_start(make_tiny_model: MakeModel) -> None:

@@ -10,7 +10,16 @@ import pytest
 import torch
 
 from tertulia.engine.engine import Engine
-from tertulia.engine.json_mode import MAX_WHITESPACE, START, JsonConstraint, JsonGrammar, State, advance, step
+from tertulia.engine.json_mode import (
+    MAX_NEWLINES,
+    MAX_WHITESPACE,
+    START,
+    JsonConstraint,
+    JsonGrammar,
+    State,
+    advance,
+    step,
+)
 from tertulia.engine.sampling import SamplingParams
 from tertulia.engine.sequence import Sequence
 from tertulia.models.registry import LoadedModel
@@ -22,6 +31,7 @@ MakeModel = Callable[..., LoadedModel]
 SP = " " * MAX_WHITESPACE
 
 VALID = [
+    "{\n" + " " * MAX_WHITESPACE + '"deep": 1\n\n}',  # indentation counts from the last newline
     "{}",
     '{"a": []}',
     ' \t{\r\n "a" :\t{ "b" : [ 1 , [ ] , { } , "x" ] } \n}',
@@ -72,7 +82,8 @@ NOT_JSON_MODE = [  # valid JSON for json.loads, but not a JSON-mode output
     ("true", 0),
     ("{}\n", 2),
     (" " * (MAX_WHITESPACE + 1) + "{}", MAX_WHITESPACE),
-    ("{" + " \t\r\n" * (MAX_WHITESPACE // 4) + " }", MAX_WHITESPACE + 1),
+    ("{" + " \t\r" * (MAX_WHITESPACE // 3) + "  }", MAX_WHITESPACE + 1),
+    ("{" + "\n" * (MAX_NEWLINES + 1) + "}", MAX_NEWLINES + 1),
     ('{"a":' + " " * (MAX_WHITESPACE + 5) + "1}", 5 + MAX_WHITESPACE),
 ]
 

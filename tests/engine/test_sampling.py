@@ -388,3 +388,26 @@ def test_top_logprobs_reports_chosen_and_alternatives() -> None:
     assert [v for _, v in alternatives] == pytest.approx([float(logp[0, 1]), float(logp[0, 2])])
     assert rows[1][0] == pytest.approx(math.log(0.25))
     assert top_logprobs(logits, torch.tensor([1, 1]), 0)[0][1] == []
+
+
+def test_a_heavy_tail_is_sampled_in_proportion() -> None:
+    """One likely token and 20,000 unlikely ones that together weigh about as much (the tail stage)."""
+    logits = torch.zeros(20_001)
+    logits[0] = 10.0
+    tokens = torch.tensor(draw_batch(logits, SamplingParams(temperature=1.0), count=4000, seed=5))
+    expected_head = math.exp(10) / (math.exp(10) + 20_000)  # 0.524
+    assert float((tokens == 0).float().mean()) == pytest.approx(expected_head, abs=0.03)
+    tail = tokens[tokens != 0]
+    assert len(set(tail.tolist())) > 0.8 * len(tail)  # spread over the tail, not a few favourites
+    assert float(tail.float().mean()) == pytest.approx(10_000, rel=0.05)
+
+
+def test_float_noise_in_the_logits_does_not_change_a_seeded_draw() -> None:
+    """Batched and solo logits differ in their last bits; the same seed must still pick the same token."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(49_152, generator=generator) * 3
+    noisy = logits * (1 + 1e-6 * torch.randn(49_152, generator=generator))
+    params = SamplingParams(temperature=1.0)
+    clean_draws = draw_batch(logits, params, count=3000, seed=11)
+    noisy_draws = draw_batch(noisy, params, count=3000, seed=11)
+    assert sum(a != b for a, b in zip(clean_draws, noisy_draws, strict=True)) == 0

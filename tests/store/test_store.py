@@ -24,7 +24,7 @@ from tertulia.store.schema import Base, Feedback, Message
 
 
 def test_migrations_build_exactly_the_schema_of_the_models(database: Database) -> None:
-    assert database.revision() == database.head() == "0001"
+    assert database.revision() == database.head() == "0002"
     with database.engine.connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     assert differences == []
@@ -47,9 +47,9 @@ def test_an_sqlite_file_is_backed_up_before_it_is_migrated(
     user = store.local_user()
     conversation = store.create_conversation(user.id)
     store.add_message(user.id, conversation.id, "user", "keep me")
-    monkeypatch.setattr(Database, "head", lambda self: "0002")  # as if a newer release shipped
+    monkeypatch.setattr(Database, "head", lambda self: "0003")  # as if a newer release shipped
     backup = database.migrate()
-    assert backup is not None and backup.name.startswith("chats.db.0001.")
+    assert backup is not None and backup.name.startswith("chats.db.0002.")
     with sqlite3.connect(backup) as copy:
         assert copy.execute("SELECT content FROM messages").fetchall() == [("keep me",)]
 
@@ -278,3 +278,27 @@ def test_export_import_round_trip(store: Store) -> None:
     other = store.create_user("other", None).id
     with pytest.raises(NotFound):
         transfer.export_json(store, other, conversation)
+
+
+def test_a_real_upgrade_keeps_the_data_and_backs_up_sqlite(database: Database) -> None:
+    """From the first schema to the latest, with a conversation in it."""
+    from alembic import command
+
+    config = database._alembic()
+    with database.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0001")
+    assert database.revision() == "0001"
+    store = Store(database)
+    user = store.local_user().id
+    conversation = store.create_conversation(user).id
+    store.add_message(user, conversation, "user", "still here")
+    backup = database.migrate()
+    assert database.revision() == database.head()
+    assert [t.message.content for t in store.path(user, conversation)] == ["still here"]
+    if database.is_sqlite:
+        assert backup is not None and backup.name.startswith("store.db.0001.")
+        with sqlite3.connect(backup) as copy:
+            assert copy.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+    else:
+        assert backup is None  # PostgreSQL: back up with pg_dump, as the README says

@@ -1,0 +1,182 @@
+"""Who is asking: the local user, or with --auth an account (session cookie or API key).
+
+With --auth, a browser logs in and gets an HttpOnly, SameSite=Strict session cookie; every request that
+changes something must also send the session's CSRF token in `X-CSRF-Token`, which a page on another
+site cannot read. Programs use per-user API keys (`Authorization: Bearer tt-...`) on /v1 and /api.
+Registration is open only until the first account exists (it becomes the admin); after that, an
+admin creates accounts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from tertulia.errors import TertuliaError
+from tertulia.server.errors import APIError
+from tertulia.store.accounts import SESSION_DAYS, Accounts
+from tertulia.store.conversations import Store
+from tertulia.store.schema import ApiKey, User
+
+router = APIRouter(prefix="/api")
+
+COOKIE = "tertulia_session"
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+class Credentials(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    password: Annotated[str, Field(max_length=1024)]
+
+
+class KeyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(max_length=200)] = "key"
+
+
+def request_store(request: Request) -> Store:
+    store = request.app.state.store
+    if store is None:
+        raise APIError(404, "This server keeps no conversations (it was started without a store).")
+    return store
+
+
+def _accounts(request: Request) -> Accounts:
+    accounts = request.app.state.accounts
+    if accounts is None:
+        raise APIError(
+            404, "Accounts are off: start the server with --auth to use them.", type="not_found_error"
+        )
+    return accounts
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    return header[7:].strip() if header.lower().startswith("bearer ") else None
+
+
+async def current_user(request: Request) -> User | None:
+    """The account behind this request (None without --auth); 401/403 when it has none or fails CSRF."""
+    accounts = request.app.state.accounts
+    if accounts is None:
+        return None
+    secret = _bearer(request)
+    if secret:
+        user = await asyncio.to_thread(accounts.key_user, secret)
+        if user is None:
+            raise APIError(401, "Invalid API key.", code="invalid_api_key")
+        return user
+    token = request.cookies.get(COOKIE)
+    found = await asyncio.to_thread(accounts.session_user, token) if token else None
+    if found is None:
+        raise APIError(401, "Log in first.", code="not_logged_in")
+    user, csrf = found
+    if request.method not in SAFE_METHODS:
+        sent = request.headers.get("x-csrf-token", "")
+        if not hmac.compare_digest(sent, csrf):
+            raise APIError(403, "Missing or wrong X-CSRF-Token header.", type="permission_error", code="csrf")
+    return user
+
+
+async def request_user(request: Request) -> str:
+    """The id whose conversations this request may see and change."""
+    user = await current_user(request)
+    if user is not None:
+        return user.id
+    state = request.app.state
+    if getattr(state, "local_user_id", None) is None:
+        store = request_store(request)
+        state.local_user_id = (await asyncio.to_thread(store.local_user)).id
+    return state.local_user_id
+
+
+def user_json(user: User) -> dict[str, Any]:
+    return {"id": user.id, "name": user.name, "is_admin": user.is_admin}
+
+
+def key_json(key: ApiKey) -> dict[str, Any]:
+    return {"id": key.id, "name": key.name, "prefix": key.prefix, "created_at": key.created_at.isoformat()}
+
+
+@router.get("/auth/me")
+async def me(request: Request) -> dict[str, Any]:
+    user = await current_user(request)
+    if user is None:
+        return {"auth": False, "user": None}
+    token = request.cookies.get(COOKIE)
+    found = await asyncio.to_thread(request.app.state.accounts.session_user, token) if token else None
+    return {"auth": True, "user": user_json(user), "csrf_token": found[1] if found else None}
+
+
+@router.post("/auth/register", status_code=201)
+async def register(body: Credentials, request: Request) -> dict[str, Any]:
+    accounts = _accounts(request)
+    if await asyncio.to_thread(accounts.has_accounts):
+        caller = await current_user(request)
+        if caller is None or not caller.is_admin:
+            raise APIError(403, "Only an admin can create accounts.", type="permission_error")
+    try:
+        user = await asyncio.to_thread(accounts.create, body.name, body.password)
+    except TertuliaError as exc:
+        raise APIError(400, str(exc)) from None
+    return user_json(user)
+
+
+@router.post("/auth/login")
+async def login(body: Credentials, request: Request) -> JSONResponse:
+    found = await asyncio.to_thread(_accounts(request).login, body.name, body.password)
+    if found is None:
+        raise APIError(401, "Wrong user name or password.", code="invalid_credentials")
+    response = JSONResponse({"user": user_json(found.user), "csrf_token": found.csrf_token})
+    response.set_cookie(
+        COOKIE,
+        found.token,
+        max_age=SESSION_DAYS * 86400,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/",
+    )
+    return response
+
+
+@router.post("/auth/logout", status_code=204)
+async def logout(request: Request) -> Response:
+    await current_user(request)  # a logged-in browser, with its CSRF token
+    token = request.cookies.get(COOKIE)
+    if token:
+        await asyncio.to_thread(_accounts(request).logout, token)
+    response = Response(status_code=204)
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+@router.get("/keys")
+async def list_keys(request: Request) -> list[dict[str, Any]]:
+    user = await current_user(request)
+    if user is None:
+        raise APIError(404, "Accounts are off: start the server with --auth to use per-user keys.")
+    return [key_json(k) for k in await asyncio.to_thread(_accounts(request).keys, user.id)]
+
+
+@router.post("/keys", status_code=201)
+async def create_key(body: KeyRequest, request: Request) -> dict[str, Any]:
+    user = await current_user(request)
+    if user is None:
+        raise APIError(404, "Accounts are off: start the server with --auth to use per-user keys.")
+    key, secret = await asyncio.to_thread(_accounts(request).create_key, user.id, body.name)
+    return dict(key_json(key), key=secret)
+
+
+@router.delete("/keys/{key_id}", status_code=204)
+async def revoke_key(key_id: str, request: Request) -> Response:
+    user = await current_user(request)
+    if user is None or not await asyncio.to_thread(_accounts(request).revoke_key, user.id, key_id):
+        raise APIError(404, "No such key.", type="not_found_error")
+    return Response(status_code=204)

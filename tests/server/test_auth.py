@@ -1,0 +1,128 @@
+"""`--auth` on a live server: accounts, session cookies with CSRF, per-user API keys, and isolation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tertulia.engine.engine import Engine
+from tertulia.providers.local import LocalProvider, ServedModel
+from tertulia.server.app import create_app
+from tertulia.store.conversations import Store
+from tertulia.store.database import open_store
+from tests.server.conftest import running
+
+
+@pytest.fixture
+def site(make_tiny_model, tmp_path: Path) -> Iterator[tuple[str, Store]]:
+    served = ServedModel(LocalProvider(Engine(make_tiny_model(max_position_embeddings=2048), max_batch=2)))
+    store = Store(open_store(f"sqlite:///{tmp_path / 'chats.db'}"))
+    with running(create_app([served], store=store, auth=True)) as url:
+        yield url, store
+
+
+def browser(url: str, name: str, password: str) -> httpx.Client:
+    """A logged-in client that sends the CSRF header, as the web page does."""
+    client = httpx.Client(base_url=url, timeout=60)
+    response = client.post("/api/auth/login", json={"name": name, "password": password})
+    assert response.status_code == 200, response.text
+    client.headers["X-CSRF-Token"] = response.json()["csrf_token"]
+    return client
+
+
+def test_first_account_is_admin_and_only_an_admin_adds_accounts(site) -> None:
+    url, store = site
+    first = httpx.post(f"{url}/api/auth/register", json={"name": "ana", "password": "correct horse"})
+    assert first.status_code == 201 and first.json()["is_admin"] is True
+    assert store.user_by_name("ana").password_hash.startswith("$argon2id$")
+    closed = httpx.post(f"{url}/api/auth/register", json={"name": "eve", "password": "let me in!"})
+    assert closed.status_code == 401  # registration closed: log in as the admin
+    ana = browser(url, "ana", "correct horse")
+    added = ana.post("/api/auth/register", json={"name": "bruno", "password": "another pass"})
+    assert added.status_code == 201 and added.json()["is_admin"] is False
+    bruno = browser(url, "bruno", "another pass")
+    assert bruno.post("/api/auth/register", json={"name": "x", "password": "12345678"}).status_code == 403
+    short = ana.post("/api/auth/register", json={"name": "carla", "password": "short"})
+    assert short.status_code == 400 and "at least 8" in short.json()["error"]["message"]
+
+
+def test_login_cookie_csrf_and_logout(site) -> None:
+    url, _ = site
+    httpx.post(f"{url}/api/auth/register", json={"name": "ana", "password": "correct horse"})
+    assert httpx.get(f"{url}/api/conversations").status_code == 401
+    wrong = httpx.post(f"{url}/api/auth/login", json={"name": "ana", "password": "wrong horse"})
+    assert wrong.status_code == 401
+    assert (
+        httpx.post(f"{url}/api/auth/login", json={"name": "nobody", "password": "x" * 8}).status_code == 401
+    )
+    login = httpx.post(f"{url}/api/auth/login", json={"name": "ana", "password": "correct horse"})
+    cookie = login.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "path=/" in cookie
+    client = httpx.Client(base_url=url, cookies=login.cookies)
+    assert client.get("/api/conversations").json() == []
+    # A state-changing request without the CSRF token (what a forged cross-site form sends) is refused.
+    forged = client.post("/api/conversations", json={})
+    assert forged.status_code == 403 and forged.json()["error"]["code"] == "csrf"
+    client.headers["X-CSRF-Token"] = "wrong"
+    assert client.post("/api/conversations", json={}).status_code == 403
+    client.headers["X-CSRF-Token"] = login.json()["csrf_token"]
+    assert client.post("/api/conversations", json={}).status_code == 201
+    assert client.get("/api/auth/me").json()["user"]["name"] == "ana"
+    assert client.post("/api/auth/logout").status_code == 204
+    stale = httpx.Client(base_url=url, cookies=login.cookies)
+    assert stale.get("/api/conversations").status_code == 401  # the session is gone server-side
+
+
+def test_one_account_never_reaches_another_accounts_conversation(site) -> None:
+    url, _ = site
+    httpx.post(f"{url}/api/auth/register", json={"name": "ana", "password": "correct horse"})
+    ana = browser(url, "ana", "correct horse")
+    ana.post("/api/auth/register", json={"name": "bruno", "password": "another pass"})
+    bruno = browser(url, "bruno", "another pass")
+    conversation = ana.post("/api/conversations", json={"settings": {"max_tokens": 2}}).json()["id"]
+    with ana.stream(
+        "POST", f"/api/conversations/{conversation}/reply", json={"content": "my secret"}
+    ) as reply:
+        assert reply.status_code == 200
+        reply.read()
+    message = ana.get(f"/api/conversations/{conversation}").json()["messages"][1]["id"]
+    by_url = [
+        bruno.get(f"/api/conversations/{conversation}"),
+        bruno.get(f"/api/conversations/{conversation}/export"),
+        bruno.patch(f"/api/conversations/{conversation}", json={"title": "mine"}),
+        bruno.delete(f"/api/conversations/{conversation}"),
+        bruno.post(f"/api/conversations/{conversation}/reply", json={"content": "hi"}),
+        bruno.post(f"/api/conversations/{conversation}/branch", json={"message_id": message}),
+        bruno.post(f"/api/messages/{message}/rating", json={"rating": -1}),
+    ]
+    assert [r.status_code for r in by_url] == [404] * len(by_url)
+    assert bruno.get("/api/conversations", params={"search": "secret"}).json() == []
+    assert [m["content"] for m in ana.get(f"/api/conversations/{conversation}").json()["messages"]][
+        0
+    ] == "my secret"
+
+
+def test_per_user_api_keys_for_v1_and_api(site) -> None:
+    url, _ = site
+    httpx.post(f"{url}/api/auth/register", json={"name": "ana", "password": "correct horse"})
+    ana = browser(url, "ana", "correct horse")
+    created = ana.post("/api/keys", json={"name": "laptop"}).json()
+    secret = created["key"]
+    assert secret.startswith("tt-") and created["prefix"] == secret[:10]
+    assert [k["name"] for k in ana.get("/api/keys").json()] == ["laptop"]
+    assert "key" not in ana.get("/api/keys").json()[0]  # shown once, never listed
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0)
+    assert len(client.models.list().data) == 1
+    headers = {"Authorization": f"Bearer {secret}"}
+    assert (
+        httpx.post(f"{url}/api/conversations", json={}, headers=headers).status_code == 201
+    )  # no CSRF: not a cookie
+    assert ana.delete(f"/api/keys/{created['id']}").status_code == 204
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+    assert httpx.get(f"{url}/api/conversations", headers=headers).status_code == 401
