@@ -115,23 +115,27 @@ async def reply(conversation_id: str, body: ReplyRequest, request: Request) -> S
     params = _sampling(settings, min(reserve, context - fitted.prompt_tokens))
     stream = model.submit_chat(fitted.messages, params)  # validates; raises before anything is stored
 
-    question = None
-    if new_text is not None:
-        question = await store_call(
-            request, "add_message", user, conversation_id, "user", new_text, parent_id=parent
+    try:
+        question = None
+        if new_text is not None:
+            question = await store_call(
+                request, "add_message", user, conversation_id, "user", new_text, parent_id=parent
+            )
+        parent_id = question.id if question is not None else turns[-1].message.id
+        answer = await store_call(
+            request,
+            "add_message",
+            user,
+            conversation_id,
+            "assistant",
+            "",
+            parent_id=parent_id,
+            status="streaming",
+            model=model.name,
         )
-    parent_id = question.id if question is not None else turns[-1].message.id
-    answer = await store_call(
-        request,
-        "add_message",
-        user,
-        conversation_id,
-        "assistant",
-        "",
-        parent_id=parent_id,
-        status="streaming",
-        model=model.name,
-    )
+    except BaseException:
+        stream.cancel()  # nothing will read it: free its place in the engine now
+        raise
     start = {
         "type": "start",
         "user_message": message_json(question) if question is not None else None,
