@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Request, Response
+from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -134,9 +134,9 @@ def persona_json(persona: Persona) -> dict[str, Any]:
 @router.get("/conversations")
 async def list_conversations(
     request: Request,
-    search: str | None = None,
-    limit: Annotated[int, Field(ge=1, le=500)] = 100,
-    offset: int = 0,
+    search: Annotated[str, Query(max_length=1000)] | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
 ) -> list[dict[str, Any]]:
     rows = await store_call(
         request,
@@ -144,7 +144,7 @@ async def list_conversations(
         await request_user(request),
         search=search,
         limit=limit,
-        offset=max(offset, 0),
+        offset=offset,
     )
     return [conversation_json(c) for c in rows]
 

@@ -165,6 +165,8 @@ def test_bad_replies_are_refused_and_store_nothing(server, body: dict, status: i
 
 def test_unknown_ids_rating_rename_and_delete(server) -> None:
     api, _, _ = server
+    for query in ({"offset": 10**20}, {"offset": -1}, {"limit": 0}, {"limit": 501}, {"search": "x" * 1001}):
+        assert httpx.get(f"{api}/conversations", params=query).status_code == 400
     missing = httpx.get(f"{api}/conversations/{'0' * 32}")
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
     conversation = new_conversation(api, settings={"max_tokens": 3})
