@@ -66,9 +66,6 @@ class KVCache:
         self.values = [self.storage[layer, 1] for layer in range(config.num_hidden_layers)]
         self.group = config.num_attention_heads // config.num_key_value_heads
 
-    def nbytes(self) -> int:
-        return self.storage.numel() * self.storage.element_size()
-
     def locate(self, table: list[int], start: int, end: int) -> slice | torch.Tensor:
         """Pool positions of a sequence's positions start..end-1: a slice when they are consecutive."""
         size = self.block_size

@@ -28,7 +28,6 @@ from tertulia.store.schema import Conversation, Message, Persona
 router = APIRouter(prefix="/api")
 
 MAX_MESSAGE_CHARS = 100_000  # a long paste is fine; a file's worth of text is an upload, not a message
-SAVE_EVERY_SECONDS = 0.25  # how often a streaming reply is written to the store
 
 
 class _Body(BaseModel):

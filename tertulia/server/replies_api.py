@@ -28,7 +28,6 @@ from tertulia.engine.sampling import SamplingParams
 from tertulia.providers.local import ServedModel
 from tertulia.server.auth_api import request_store, request_user
 from tertulia.server.conversations_api import (
-    SAVE_EVERY_SECONDS,
     ReplyRequest,
     check_request_settings,
     message_json,
@@ -39,6 +38,8 @@ from tertulia.server.openai_api import pick_model, served_models
 from tertulia.store.conversations import Store
 
 router = APIRouter(prefix="/api")
+
+SAVE_EVERY_SECONDS = 0.25  # how often a streaming reply is written to the store
 
 # What a reply uses when neither the persona, the conversation nor the request says otherwise: the
 # terminal chat's defaults (small models loop without a little repetition penalty).

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from tertulia.errors import TertuliaError
@@ -71,10 +71,6 @@ class Store:
     def user_by_name(self, name: str) -> User | None:
         with self.db.session() as s:
             return s.scalar(select(User).where(User.name == name))
-
-    def count_users(self) -> int:
-        with self.db.session() as s:
-            return s.scalar(select(func.count()).select_from(User)) or 0
 
     # --- personas -----------------------------------------------------------------------------
     def create_persona(self, user_id: str, name: str, instructions: str = "", **fields: Any) -> Persona:
