@@ -1,4 +1,4 @@
-"""The FastAPI application: OpenAI-compatible /v1 routes and /health over locally served models."""
+"""The FastAPI application: OpenAI-compatible /v1, the web app (/ and /api), /health and /metrics."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from tertulia.server import (  # noqa: F401  (completions routes register on imp
     errors,
     openai_api,
     replies_api,
+    web,
 )
 from tertulia.server.limits import BodyLimit, GuardMiddleware
 from tertulia.server.metrics import CONTENT_TYPE, Metrics
@@ -75,6 +76,7 @@ def create_app(
     app.include_router(auth_api.router)
     app.include_router(conversations_api.router)
     app.include_router(replies_api.router)
+    web.mount(app)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -106,11 +106,20 @@ def key_json(key: ApiKey) -> dict[str, Any]:
 
 @router.get("/auth/me")
 async def me(request: Request) -> dict[str, Any]:
-    user = await current_user(request)
-    if user is None:
+    """Who this browser is. Logged out is an answer here, not an error: the page then shows its login
+    form, or the registration form while no account exists (`first_account`)."""
+    accounts = request.app.state.accounts
+    if accounts is None:
         return {"auth": False, "user": None}
+    try:
+        user = await current_user(request)
+    except APIError as exc:
+        if exc.status != 401:
+            raise
+        first = not await asyncio.to_thread(accounts.has_accounts)
+        return {"auth": True, "user": None, "first_account": first}
     token = request.cookies.get(COOKIE)
-    found = await asyncio.to_thread(request.app.state.accounts.session_user, token) if token else None
+    found = await asyncio.to_thread(accounts.session_user, token) if token else None
     return {"auth": True, "user": user_json(user), "csrf_token": found[1] if found else None}
 
 

@@ -15,12 +15,13 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from tertulia.chat.context import fit
+from tertulia.chat.context import FittedPrompt, fit
 from tertulia.chat.conversation import merged_settings, prompt_messages
 from tertulia.chat.session import DEFAULT_REPLY_RESERVE
 from tertulia.engine.runner import RequestStream
@@ -36,6 +37,7 @@ from tertulia.server.conversations_api import (
 from tertulia.server.errors import APIError
 from tertulia.server.openai_api import pick_model, served_models
 from tertulia.store.conversations import Store
+from tertulia.store.schema import Conversation, Persona
 
 router = APIRouter(prefix="/api")
 
@@ -75,20 +77,79 @@ def _local_model(request: Request, name: str | None) -> ServedModel:
     return model
 
 
-@router.post("/conversations/{conversation_id}/reply", response_model=None)
-async def reply(conversation_id: str, body: ReplyRequest, request: Request) -> StreamingResponse:
-    user = await request_user(request)
+@dataclass
+class ReplySetup:
+    """What a reply in a conversation is made with: its persona, merged settings and model."""
+
+    conversation: Conversation
+    persona: Persona | None
+    settings: dict[str, Any]
+    model: ServedModel
+
+    def reserve(self) -> int:
+        """Room kept for the reply: max_tokens when set, else the terminal chat's default share."""
+        context = self.model.provider.context_length
+        return self.settings.get("max_tokens") or min(DEFAULT_REPLY_RESERVE, context // 4)
+
+    async def fit(self, messages: list[dict[str, Any]]) -> FittedPrompt:
+        provider = self.model.provider
+        return await asyncio.to_thread(
+            fit, messages, provider.count_tokens, provider.context_length, self.reserve()
+        )
+
+
+async def reply_setup(
+    request: Request, user: str, conversation_id: str, overrides: dict[str, Any] | None = None
+) -> ReplySetup:
     conversation = await store_call(request, "conversation", user, conversation_id)
     persona = (
         await store_call(request, "persona", user, conversation.persona_id)
         if conversation.persona_id
         else None
     )
-    check_request_settings(body.settings)
+    check_request_settings(overrides)
     settings = merged_settings(
-        DEFAULT_SETTINGS, persona.settings if persona else None, conversation.settings, body.settings
+        DEFAULT_SETTINGS, persona.settings if persona else None, conversation.settings, overrides
     )
     model = _local_model(request, conversation.model or (persona.model if persona else None))
+    return ReplySetup(conversation, persona, settings, model)
+
+
+@router.get("/models")
+async def list_models(request: Request) -> list[dict[str, Any]]:
+    """What the model picker offers: local models with their context size, then remote ones."""
+    return [
+        {
+            "id": name,
+            "local": isinstance(model, ServedModel),
+            "context_length": model.provider.context_length if isinstance(model, ServedModel) else None,
+        }
+        for name, model in served_models(request).items()
+    ]
+
+
+@router.get("/conversations/{conversation_id}/context")
+async def context_use(conversation_id: str, request: Request) -> dict[str, Any]:
+    """The context meter: tokens the shown branch sends to the model, and what would be left out."""
+    user = await request_user(request)
+    setup = await reply_setup(request, user, conversation_id)
+    turns = await store_call(request, "path", user, conversation_id)
+    fitted = await setup.fit(prompt_messages(turns, setup.conversation, setup.persona))
+    return {
+        "model": setup.model.name,
+        "prompt_tokens": fitted.prompt_tokens,
+        "context": setup.model.provider.context_length,
+        "reserve": setup.reserve(),
+        "dropped": fitted.dropped,
+        "notice": fitted.notice,
+    }
+
+
+@router.post("/conversations/{conversation_id}/reply", response_model=None)
+async def reply(conversation_id: str, body: ReplyRequest, request: Request) -> StreamingResponse:
+    user = await request_user(request)
+    setup = await reply_setup(request, user, conversation_id, body.settings)
+    conversation, persona, settings, model = setup.conversation, setup.persona, setup.settings, setup.model
 
     if body.regenerate:
         if body.content is not None or not body.parent_id:
@@ -109,11 +170,9 @@ async def reply(conversation_id: str, body: ReplyRequest, request: Request) -> S
     messages = prompt_messages(turns, conversation, persona)
     if new_text is not None:
         messages.append({"role": "user", "content": new_text})
-    provider = model.provider
-    context = provider.context_length
-    reserve = settings.get("max_tokens") or min(DEFAULT_REPLY_RESERVE, context // 4)
-    fitted = await asyncio.to_thread(fit, messages, provider.count_tokens, context, reserve)
-    params = _sampling(settings, min(reserve, context - fitted.prompt_tokens))
+    context = model.provider.context_length
+    fitted = await setup.fit(messages)
+    params = _sampling(settings, min(setup.reserve(), context - fitted.prompt_tokens))
     stream = model.submit_chat(fitted.messages, params)  # validates; raises before anything is stored
 
     try:

@@ -1,0 +1,89 @@
+// The server's /api and /v1 as the page uses them: JSON in and out, OpenAI-style errors as exceptions,
+// the CSRF token on every change, and replies read as server-sent events from a fetch stream (so Stop
+// is an abort: the server sees the connection close and stops generating).
+
+export const MAX_UPLOAD_BYTES = 4 * 1024 * 1024; // the server's body limit (413 beyond it)
+
+let csrfToken = null;
+
+export function setCsrfToken(token) {
+  csrfToken = token || null;
+}
+
+export class ApiError extends Error {
+  constructor(status, message, code) {
+    super(message);
+    this.status = status;
+    this.code = code || null;
+  }
+}
+
+async function errorFrom(response) {
+  let message = `${response.status} ${response.statusText}`;
+  let code = null;
+  try {
+    const body = await response.json();
+    if (body && body.error) {
+      message = body.error.message || message;
+      code = body.error.code || null;
+    }
+  } catch {
+    // not JSON: keep the status line
+  }
+  return new ApiError(response.status, message, code);
+}
+
+function headers(method, hasBody) {
+  const result = { Accept: "application/json" };
+  if (hasBody) result["Content-Type"] = "application/json";
+  if (csrfToken && method !== "GET") result["X-CSRF-Token"] = csrfToken;
+  return result;
+}
+
+export async function api(method, path, body, options = {}) {
+  const hasBody = body !== undefined;
+  let response;
+  try {
+    response = await fetch(path, {
+      method,
+      headers: headers(method, hasBody),
+      body: hasBody ? JSON.stringify(body) : undefined,
+      credentials: "same-origin",
+      signal: options.signal,
+    });
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    throw new ApiError(0, "The server cannot be reached.", "offline");
+  }
+  if (!response.ok) throw await errorFrom(response);
+  if (response.status === 204) return null;
+  return response.json();
+}
+
+/** POST a reply request and call onEvent for each event until `done` or an abort. */
+export async function streamReply(conversationId, body, onEvent, signal) {
+  const response = await fetch(`/api/conversations/${encodeURIComponent(conversationId)}/reply`, {
+    method: "POST",
+    headers: headers("POST", true),
+    body: JSON.stringify(body),
+    credentials: "same-origin",
+    signal,
+  });
+  if (!response.ok) throw await errorFrom(response);
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      for (const line of block.split("\n")) {
+        if (line.startsWith("data: ")) onEvent(JSON.parse(line.slice(6)));
+      }
+    }
+  }
+}
