@@ -1,4 +1,4 @@
-# The two commands: `make run` (serve/chat on the embedded model) and `make test` (the whole suite).
+# The two commands: `make run` (the chat site and API on the embedded model) and `make test` (the whole suite).
 # Everything is installed into .venv by these targets; nothing needs to be set up by hand.
 
 PYTHON ?= python3.11
@@ -30,7 +30,7 @@ $(DEV_STAMP): $(STAMP)
 dev: $(DEV_STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/tertulia chat
+	$(VENV)/bin/tertulia serve
 
 # The store is tested on a real PostgreSQL server too (started by the tests on loopback). Install the
 # server when it is missing and we may (root, apt); otherwise those tests are skipped and say why.
@@ -43,7 +43,17 @@ $(PG_STAMP):
 	else echo "PostgreSQL is not installed and cannot be (not root): its store tests will be skipped"; fi
 	touch $(PG_STAMP)
 
-test: $(DEV_STAMP) $(PG_STAMP)
+# The web UI is tested in Debian's chromium, driven by Playwright (never a downloaded browser).
+CHROMIUM_STAMP := $(VENV)/.installed-chromium
+$(CHROMIUM_STAMP):
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium could not be installed: the browser tests will be skipped"; \
+	else echo "chromium is not installed and cannot be (not root): the browser tests will be skipped"; fi
+	touch $(CHROMIUM_STAMP)
+
+test: $(DEV_STAMP) $(PG_STAMP) $(CHROMIUM_STAMP)
 	$(VENV)/bin/ruff check tertulia tests benchmarks
 	$(PY) -m pytest -q -rs
 

@@ -95,7 +95,9 @@ def run_server(
     names = [m.name for m in served]
     if len(set(names)) != len(names):
         raise TertuliaError(f"Two models share a name ({', '.join(names)}).", "Serve each model once.")
-    err.print(f"Tertulia serving {', '.join(names)} at http://{host}:{port}/v1", style="bold")
+    shown = f"[{host}]" if ":" in host else host
+    err.print(f"Tertulia serving {', '.join(names)}: chat at http://{shown}:{port}/", style="bold")
+    err.print(f"OpenAI-compatible API at http://{shown}:{port}/v1, docs at http://{shown}:{port}/docs")
     app = create_app(served, api_keys=keys, max_queue=max_queue, store=store, auth=auth)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
     _serve(uvicorn.Server(config), next((m for m in served if isinstance(m, ServedModel)), None))

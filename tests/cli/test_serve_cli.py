@@ -55,6 +55,10 @@ def test_serve_answers_with_a_key_and_stops_on_sigterm(embedded_dir, tmp_path) -
         with sqlite3.connect(database) as connection:
             assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
         assert httpx.get(f"{url}/v1/models").status_code == 401
+        # The chat site is served by the same process, with every asset it needs.
+        page = httpx.get(f"{url}/")
+        assert page.status_code == 200 and '<script type="module" src="/static/js/app.js">' in page.text
+        assert httpx.get(f"{url}/static/js/markdown.js").status_code == 200
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k2", max_retries=0)
         reply = client.chat.completions.create(
             model="smollm2-135m",

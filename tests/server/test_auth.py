@@ -36,9 +36,12 @@ def browser(url: str, name: str, password: str) -> httpx.Client:
 
 def test_first_account_is_admin_and_only_an_admin_adds_accounts(site) -> None:
     url, store = site
+    # A logged-out page learns that it must log in, and that registration is open (no account yet).
+    assert httpx.get(f"{url}/api/auth/me").json() == {"auth": True, "user": None, "first_account": True}
     first = httpx.post(f"{url}/api/auth/register", json={"name": "ana", "password": "correct horse"})
     assert first.status_code == 201 and first.json()["is_admin"] is True
     assert store.user_by_name("ana").password_hash.startswith("$argon2id$")
+    assert httpx.get(f"{url}/api/auth/me").json()["first_account"] is False
     closed = httpx.post(f"{url}/api/auth/register", json={"name": "eve", "password": "let me in!"})
     assert closed.status_code == 401  # registration closed: log in as the admin
     ana = browser(url, "ana", "correct horse")

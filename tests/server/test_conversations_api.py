@@ -232,3 +232,31 @@ def test_a_bad_import_changes_nothing(server, broken: dict) -> None:
     response = httpx.post(f"{api}/conversations/import", json=data)
     assert response.status_code == 400 and "Not a conversation export" in response.json()["error"]["message"]
     assert httpx.get(f"{api}/conversations").json() == []
+
+
+def test_models_and_the_context_meter(server) -> None:
+    api, _, _ = server
+    assert httpx.get(f"{api}/models").json() == [{"id": "tiny-llama", "local": True, "context_length": 4096}]
+    assert httpx.get(f"{api}/auth/me").json() == {"auth": False, "user": None}
+    conversation = new_conversation(api, system_prompt="Be brief.", settings={"max_tokens": 4})
+    empty = httpx.get(f"{api}/conversations/{conversation}/context").json()
+    started = send(api, conversation, content="Hello there")[0]
+    used = httpx.get(f"{api}/conversations/{conversation}/context").json()
+    assert used["context"] == 4096 and used["reserve"] == 4 and used["dropped"] == 0
+    # The meter counts what the next reply would send: the system prompt, the question and its answer.
+    assert empty["prompt_tokens"] < started["prompt_tokens"] < used["prompt_tokens"]
+    missing = httpx.get(f"{api}/conversations/nope/context")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+
+
+def test_the_meter_says_when_old_turns_are_left_out(make_tiny_model, tmp_path: Path) -> None:
+    served = ServedModel(LocalProvider(Engine(make_tiny_model(max_position_embeddings=256), max_batch=2)))
+    store = Store(open_store(f"sqlite:///{tmp_path / 'chats.db'}"))
+    with running(create_app([served], store=store)) as url:
+        api = f"{url}/api"
+        conversation = new_conversation(api, settings={"max_tokens": 8})
+        for i in range(8):
+            send(api, conversation, content=f"Message number {i} with some words to fill the context up.")
+        fit = httpx.get(f"{api}/conversations/{conversation}/context").json()
+        assert fit["context"] == 256 and fit["dropped"] > 0 and fit["prompt_tokens"] + 8 <= 256
+        assert "left out" in fit["notice"]
