@@ -24,6 +24,8 @@ SETTINGS = {
     "seed": (-(2**63), 2**63 - 1),
 }
 KEYS = {*SETTINGS, "stop"}
+# What an OpenAI-compatible server accepts (repetition_penalty is this engine's, and vLLM's, extra).
+OPENAI_SETTINGS = KEYS - {"repetition_penalty"}
 
 
 def system_prompt(conversation: Conversation, persona: Persona | None) -> str | None:

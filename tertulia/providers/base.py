@@ -19,6 +19,16 @@ class Chunk:
 
 
 @dataclass
+class Delta:
+    """A piece of one streamed reply as the chat layer reads it, whichever provider wrote it."""
+
+    text: str = ""
+    tokens: int = 0  # tokens this piece adds (0 for a piece that only ends the reply)
+    finish_reason: str | None = None
+    completion_tokens: int | None = None  # the provider's own total, when it reports one
+
+
+@dataclass
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -9,6 +9,7 @@ are retried with exponential backoff; upstream errors keep OpenAI's envelope (or
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import json
 import logging
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 
 from tertulia.errors import TertuliaError
+from tertulia.providers.base import Delta
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +128,46 @@ class RemoteModel:
                 await response.aclose()
 
         return relay()
+
+
+async def open_chat(model: RemoteModel, body: dict[str, Any]) -> AsyncIterator[Delta]:
+    """Start a streamed chat completion upstream (errors before its first byte raise here) and read
+    it back as text pieces of choice 0.
+
+    Usage is asked for (`include_usage`) so the token count is the upstream's own. An error event
+    mid-stream ends the reply with finish_reason "error"; the text so far is kept.
+    """
+    events = await model.stream(
+        "/chat/completions", dict(body, stream=True, stream_options={"include_usage": True})
+    )
+    return _deltas(events)
+
+
+async def _deltas(events: AsyncIterator[bytes]) -> AsyncIterator[Delta]:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    buffer = ""
+    async for raw in events:
+        buffer += decoder.decode(raw)
+        while "\n\n" in buffer:
+            block, buffer = buffer.split("\n\n", 1)
+            for line in block.splitlines():
+                data = line[5:].strip() if line.startswith("data:") else None
+                if data == "[DONE]":
+                    return
+                if not data:
+                    continue
+                try:
+                    event = json.loads(data)
+                except json.JSONDecodeError:
+                    continue
+                if "error" in event:
+                    log.warning("upstream error mid-stream: %s", event["error"])
+                    yield Delta(finish_reason="error")
+                    return
+                for choice in event.get("choices") or []:
+                    if choice.get("index", 0) == 0:
+                        text = (choice.get("delta") or {}).get("content") or ""
+                        yield Delta(text, 1 if text else 0, choice.get("finish_reason"))
+                usage = event.get("usage") or {}
+                if isinstance(usage.get("completion_tokens"), int):
+                    yield Delta(completion_tokens=usage["completion_tokens"])

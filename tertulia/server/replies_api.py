@@ -7,6 +7,9 @@ Events, one JSON object per `data:` line:
 - `done`: the reply's final status (`complete`, or `incomplete` if stopped), its token count and speed.
 The prompt is fitted to the context before anything is stored, so a message that cannot fit is
 refused (400 `context_length_exceeded`) without leaving a question with no answer behind.
+
+A conversation may use a remote model (`remote:NAME@URL`): the reply streams from that server and is
+stored the same way; its tokens are not counted here (prompt tokens and context are null).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +25,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from tertulia.chat.context import FittedPrompt, fit
-from tertulia.chat.conversation import merged_settings, prompt_messages
+from tertulia.chat.conversation import OPENAI_SETTINGS, merged_settings, prompt_messages
 from tertulia.chat.session import DEFAULT_REPLY_RESERVE
 from tertulia.engine.runner import RequestStream
 from tertulia.engine.sampling import SamplingParams
+from tertulia.providers.base import Delta
 from tertulia.providers.local import ServedModel
+from tertulia.providers.remote import RemoteModel, open_chat
 from tertulia.server.auth_api import request_store, request_user
 from tertulia.server.conversations_api import (
     ReplyRequest,
@@ -61,7 +66,8 @@ def _sampling(settings: dict[str, Any], max_tokens: int) -> SamplingParams:
     )
 
 
-def _local_model(request: Request, name: str | None) -> ServedModel:
+def _reply_model(request: Request, name: str | None) -> ServedModel | RemoteModel:
+    """The conversation's model, or the first local one (the default)."""
     if name is None:
         local = [m for m in served_models(request).values() if isinstance(m, ServedModel)]
         if not local:
@@ -69,32 +75,71 @@ def _local_model(request: Request, name: str | None) -> ServedModel:
                 400, "No local model is served; choose a model for this conversation.", param="model"
             )
         name = local[0].name
-    model = pick_model(request, name)
-    if not isinstance(model, ServedModel):
-        raise APIError(
-            400, f"Conversations with the remote model '{name}' are not supported yet.", param="model"
-        )
-    return model
+    return pick_model(request, name)
+
+
+@dataclass
+class ReplySource:
+    """A reply being generated, read the same way from the local engine or a remote server."""
+
+    pieces: AsyncIterator[Delta]
+    cancel: Callable[[], None]
+    prompt_tokens: int | None
+    context: int | None
+    dropped: int = 0
+    notice: str | None = None
+
+
+async def _local_pieces(stream: RequestStream) -> AsyncIterator[Delta]:
+    async for out in stream:
+        finish = out.sequence.finish_reason if out.finished else None
+        yield Delta(out.text, 1 if out.token is not None else 0, finish)
 
 
 @dataclass
 class ReplySetup:
-    """What a reply in a conversation is made with: its persona, merged settings and model."""
+    """What a reply in a conversation is made with: its persona, settings and model.
+
+    `settings` has the server's defaults under what the persona, conversation and request set;
+    `chosen` only the latter, which is what a remote server gets (its own defaults stand otherwise).
+    """
 
     conversation: Conversation
     persona: Persona | None
     settings: dict[str, Any]
-    model: ServedModel
+    chosen: dict[str, Any]
+    model: ServedModel | RemoteModel
+
+    @property
+    def context(self) -> int | None:
+        """The model's context size; None for a remote model (its tokenizer is not here)."""
+        return self.model.provider.context_length if isinstance(self.model, ServedModel) else None
 
     def reserve(self) -> int:
         """Room kept for the reply: max_tokens when set, else the terminal chat's default share."""
-        context = self.model.provider.context_length
+        context = self.context or 0
         return self.settings.get("max_tokens") or min(DEFAULT_REPLY_RESERVE, context // 4)
 
     async def fit(self, messages: list[dict[str, Any]]) -> FittedPrompt:
+        assert isinstance(self.model, ServedModel)
         provider = self.model.provider
         return await asyncio.to_thread(
             fit, messages, provider.count_tokens, provider.context_length, self.reserve()
+        )
+
+    async def start(self, messages: list[dict[str, Any]]) -> ReplySource:
+        """Start generating; any refusal (context, sampling, upstream) raises before anything is stored."""
+        if isinstance(self.model, RemoteModel):
+            body = {k: v for k, v in self.chosen.items() if k in OPENAI_SETTINGS}
+            pieces = await open_chat(self.model, dict(body, messages=messages))
+            return ReplySource(pieces, lambda: None, None, None)
+        fitted = await self.fit(messages)
+        context = self.model.provider.context_length
+        params = _sampling(self.settings, min(self.reserve(), context - fitted.prompt_tokens))
+        stream = self.model.submit_chat(fitted.messages, params)
+        pieces = _local_pieces(stream)
+        return ReplySource(
+            pieces, stream.cancel, fitted.prompt_tokens, context, fitted.dropped, fitted.notice
         )
 
 
@@ -108,16 +153,16 @@ async def reply_setup(
         else None
     )
     check_request_settings(overrides)
-    settings = merged_settings(
-        DEFAULT_SETTINGS, persona.settings if persona else None, conversation.settings, overrides
+    layers = (persona.settings if persona else None, conversation.settings, overrides)
+    model = _reply_model(request, conversation.model or (persona.model if persona else None))
+    return ReplySetup(
+        conversation, persona, merged_settings(DEFAULT_SETTINGS, *layers), merged_settings(*layers), model
     )
-    model = _local_model(request, conversation.model or (persona.model if persona else None))
-    return ReplySetup(conversation, persona, settings, model)
 
 
 @router.get("/models")
 async def list_models(request: Request) -> list[dict[str, Any]]:
-    """What the model picker offers: local models with their context size, then remote ones."""
+    """What the model picker offers: local models with their context size, and remote ones."""
     return [
         {
             "id": name,
@@ -130,15 +175,18 @@ async def list_models(request: Request) -> list[dict[str, Any]]:
 
 @router.get("/conversations/{conversation_id}/context")
 async def context_use(conversation_id: str, request: Request) -> dict[str, Any]:
-    """The context meter: tokens the shown branch sends to the model, and what would be left out."""
+    """The context meter: tokens the shown branch sends to the model, and what would be left out.
+    For a remote model nothing is counted here (`context` is null)."""
     user = await request_user(request)
     setup = await reply_setup(request, user, conversation_id)
+    if setup.context is None:
+        return {"model": setup.model.name, "prompt_tokens": None, "context": None, "dropped": 0}
     turns = await store_call(request, "path", user, conversation_id)
     fitted = await setup.fit(prompt_messages(turns, setup.conversation, setup.persona))
     return {
         "model": setup.model.name,
         "prompt_tokens": fitted.prompt_tokens,
-        "context": setup.model.provider.context_length,
+        "context": setup.context,
         "reserve": setup.reserve(),
         "dropped": fitted.dropped,
         "notice": fitted.notice,
@@ -149,7 +197,7 @@ async def context_use(conversation_id: str, request: Request) -> dict[str, Any]:
 async def reply(conversation_id: str, body: ReplyRequest, request: Request) -> StreamingResponse:
     user = await request_user(request)
     setup = await reply_setup(request, user, conversation_id, body.settings)
-    conversation, persona, settings, model = setup.conversation, setup.persona, setup.settings, setup.model
+    conversation = setup.conversation
 
     if body.regenerate:
         if body.content is not None or not body.parent_id:
@@ -167,13 +215,10 @@ async def reply(conversation_id: str, body: ReplyRequest, request: Request) -> S
         turns = await store_call(request, "path", user, conversation_id, parent) if parent else []
         new_text = body.content
 
-    messages = prompt_messages(turns, conversation, persona)
+    messages = prompt_messages(turns, conversation, setup.persona)
     if new_text is not None:
         messages.append({"role": "user", "content": new_text})
-    context = model.provider.context_length
-    fitted = await setup.fit(messages)
-    params = _sampling(settings, min(setup.reserve(), context - fitted.prompt_tokens))
-    stream = model.submit_chat(fitted.messages, params)  # validates; raises before anything is stored
+    source = await setup.start(messages)
 
     try:
         question = None
@@ -191,22 +236,22 @@ async def reply(conversation_id: str, body: ReplyRequest, request: Request) -> S
             "",
             parent_id=parent_id,
             status="streaming",
-            model=model.name,
+            model=setup.model.name,
         )
     except BaseException:
-        stream.cancel()  # nothing will read it: free its place in the engine now
+        source.cancel()  # nothing will read it: free its place in the engine now
         raise
     start = {
         "type": "start",
         "user_message": message_json(question) if question is not None else None,
         "assistant_message_id": answer.id,
-        "prompt_tokens": fitted.prompt_tokens,
-        "context": context,
-        "dropped": fitted.dropped,
-        "notice": fitted.notice,
+        "prompt_tokens": source.prompt_tokens,
+        "context": source.context,
+        "dropped": source.dropped,
+        "notice": source.notice,
     }
     return StreamingResponse(
-        _events(request_store(request), stream, answer.id, start),
+        _events(request_store(request), source, answer.id, start),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache"},
     )
@@ -217,38 +262,41 @@ def _sse(event: dict[str, Any]) -> str:
 
 
 async def _events(
-    store: Store, stream: RequestStream, message_id: str, start: dict[str, Any]
+    store: Store, source: ReplySource, message_id: str, start: dict[str, Any]
 ) -> AsyncIterator[str]:
     yield _sse(start)
     pending: list[str] = []
     last_save = time.perf_counter()
-    tokens, first, last = 0, None, None
+    tokens, reported, first, last = 0, None, None, None
     finish = None
     try:
-        async for out in stream:
+        async for piece in source.pieces:
             now = time.perf_counter()
-            if out.token is not None:
-                tokens += 1
+            if piece.tokens:
+                tokens += piece.tokens
                 first = first if first is not None else now
                 last = now
-            if out.text:
-                pending.append(out.text)
-                yield _sse({"type": "delta", "text": out.text})
+            if piece.completion_tokens is not None:
+                reported = piece.completion_tokens
+            if piece.text:
+                pending.append(piece.text)
+                yield _sse({"type": "delta", "text": piece.text})
             if pending and now - last_save >= SAVE_EVERY_SECONDS:
                 await asyncio.to_thread(store.append, message_id, "".join(pending))
                 pending, last_save = [], now
-            if out.finished:
-                finish = out.sequence.finish_reason
+            if piece.finish_reason:
+                finish = piece.finish_reason
     finally:
         # Also reached when the client goes away (Stop, a closed tab): the generator is closed. Saving
         # here is synchronous because the task may be cancelled; it is one short transaction.
-        stream.cancel()
+        source.cancel()
         if pending:
             store.append(message_id, "".join(pending))
         status = "complete" if finish in ("stop", "length") else "incomplete"
         speed = (
             (tokens - 1) / (last - first) if first is not None and last is not None and last > first else None
         )
+        tokens = reported if reported is not None else tokens
         store.finish(message_id, status, completion_tokens=tokens, tokens_per_second=speed)
     yield _sse(
         {

@@ -11,8 +11,11 @@ from tertulia.errors import TertuliaError
 from tertulia.providers.local import LocalProvider, ServedModel
 from tertulia.providers.remote import RemoteModel, parse_spec
 from tertulia.server.app import create_app
+from tertulia.store.conversations import Store
+from tertulia.store.database import open_store
 from tests.server.conftest import free_port, running
 from tests.server.openapi_schema import validate
+from tests.server.test_conversations_api import new_conversation, send
 
 QUESTION = [{"role": "user", "content": "hello there"}]
 
@@ -97,3 +100,36 @@ def test_unreachable_upstream_is_a_502() -> None:
             assert response.status_code == 502
             validate(response.json(), "ErrorResponse")
             assert "unreachable" in response.json()["error"]["message"]
+
+
+def test_a_conversation_with_a_remote_model_streams_and_is_kept(
+    upstream_model: ServedModel, tmp_path
+) -> None:
+    name = upstream_model.name
+    store = Store(open_store(f"sqlite:///{tmp_path / 'chats.db'}"))
+    with running(create_app([upstream_model])) as up:
+        direct = openai.OpenAI(base_url=f"{up}/v1", api_key="x", max_retries=0)
+        expected = direct.chat.completions.create(model=name, messages=QUESTION, temperature=0, max_tokens=10)
+        front_app = create_app([remote(name, up)], store=store)
+        with running(front_app) as front:
+            api = f"{front}/api"
+            assert httpx.get(f"{api}/models").json() == [{"id": name, "local": False, "context_length": None}]
+            conversation = new_conversation(api, model=name, settings={"temperature": 0, "max_tokens": 10})
+            events = send(api, conversation, content="hello there")
+            start, done = events[0], events[-1]
+            assert start["context"] is None and start["prompt_tokens"] is None
+            text = "".join(e["text"] for e in events if e["type"] == "delta")
+            assert text == expected.choices[0].message.content
+            assert done["status"] == "complete" and done["finish_reason"] == "length"
+            assert done["completion_tokens"] == expected.usage.completion_tokens == 10
+            stored = httpx.get(f"{api}/conversations/{conversation}").json()["messages"][1]
+            assert stored["content"] == text and stored["model"] == name
+            meter = httpx.get(f"{api}/conversations/{conversation}/context").json()
+            assert meter["context"] is None
+            # An upstream refusal reaches the page as the upstream's error, and nothing is stored.
+            refused = httpx.post(
+                f"{api}/conversations/{conversation}/reply",
+                json={"content": "again", "settings": {"max_tokens": 30000}},
+            )
+            assert refused.status_code == 400 and "context" in refused.json()["error"]["message"]
+            assert len(httpx.get(f"{api}/conversations/{conversation}").json()["messages"]) == 2
