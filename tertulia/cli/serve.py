@@ -96,8 +96,13 @@ def run_server(
     if len(set(names)) != len(names):
         raise TertuliaError(f"Two models share a name ({', '.join(names)}).", "Serve each model once.")
     shown = f"[{host}]" if ":" in host else host
-    err.print(f"Tertulia serving {', '.join(names)}: chat at http://{shown}:{port}/", style="bold")
-    err.print(f"OpenAI-compatible API at http://{shown}:{port}/v1, docs at http://{shown}:{port}/docs")
+    err.print(
+        f"Tertulia serving {', '.join(names)}: chat at http://{shown}:{port}/", style="bold", soft_wrap=True
+    )
+    err.print(
+        f"OpenAI-compatible API at http://{shown}:{port}/v1, docs at http://{shown}:{port}/docs",
+        soft_wrap=True,
+    )
     app = create_app(served, api_keys=keys, max_queue=max_queue, store=store, auth=auth)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
     _serve(uvicorn.Server(config), next((m for m in served if isinstance(m, ServedModel)), None))

@@ -142,8 +142,8 @@ def test_regenerate_edit_and_switch_branches(page, web) -> None:
     page.wait_for_function(
         "() => document.querySelector('.message.user .content').textContent === 'Name a color.'"
     )
-    # The old question keeps its two answers, shown where we left them.
-    assert page.locator(".message.assistant .branch-label").inner_text() == "1/2"
+    # The old question keeps its two answers; switching to it shows its newest one.
+    assert page.locator(".message.assistant .branch-label").inner_text() == "2/2"
     page.reload()
     page.wait_for_selector("body[data-ready='true']")
     assert page.locator(".message.user .content").inner_text() == "Name a color."
@@ -293,7 +293,7 @@ def test_phone_sized_screen(browser, web) -> None:
     assert not page.locator("#sidebar").evaluate("e => e.getBoundingClientRect().right > 0")
     page.click("#open-sidebar")
     page.wait_for_function("() => document.querySelector('#sidebar').getBoundingClientRect().left >= 0")
-    page.click("#scrim")
+    page.click("#scrim", position={"x": 370, "y": 400})  # beside the open sidebar
     page.wait_for_function("() => document.querySelector('#sidebar').getBoundingClientRect().right <= 0")
     composer = page.locator("#composer").bounding_box()
     assert composer["x"] >= 0 and composer["x"] + composer["width"] <= 390

@@ -15,7 +15,7 @@ from tertulia.server.app import create_app
 from tertulia.store.conversations import Store
 from tertulia.store.database import open_store
 from tests.e2e.conftest import export_of
-from tests.e2e.test_web_chat import json_file, open_site, send
+from tests.e2e.test_web_chat import json_file, open_site, send, set_setting
 from tests.server.conftest import running
 
 pytestmark = pytest.mark.slow
@@ -34,8 +34,10 @@ EVIL = "\n\n".join(PAYLOADS)
 
 INERT = """() => {
   const root = document.querySelector('#app');
-  const bad = [...root.querySelectorAll('#messages script, #messages img, #messages svg, #messages iframe, '
-    + '#messages object, #messages embed, #conversation-list img, #conversation-list script')];
+  // Our own images (the logo of an empty chat) are the only ones allowed in the chat and the list.
+  const bad = [...root.querySelectorAll('#messages script, #messages img:not([src^="/static/"]), '
+    + '#messages svg:not(.svg-icon), #messages iframe, #messages object, #messages embed, '
+    + '#conversation-list img, #conversation-list script')];
   const handlers = [...root.querySelectorAll('*')].flatMap(
     (e) => [...e.attributes].filter((a) => a.name.startsWith('on')).map((a) => e.tagName + ' ' + a.name));
   const scripted = [...root.querySelectorAll('a[href]')]
@@ -178,3 +180,32 @@ def test_with_auth_one_user_cannot_open_anothers_conversation(browser, auth_site
     assert not ana.locator("#first-account").is_visible()
     ana_context.close()
     bob_context.close()
+
+
+def test_a_server_with_api_keys_asks_the_page_for_one(browser, make_tiny_model, tmp_path: Path) -> None:
+    served = ServedModel(LocalProvider(Engine(make_tiny_model(max_position_embeddings=2048), max_batch=2)))
+    store = Store(open_store(f"sqlite:///{tmp_path / 'keys.db'}"))
+    with running(create_app([served], store=store, api_keys={"the-right-key"})) as url:
+        assert httpx.get(f"{url}/api/conversations").status_code == 401
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(url)
+        page.wait_for_selector("#key-dialog[open]")
+        page.fill("#key-form [name=key]", "a-wrong-key")
+        page.click("#key-form button")
+        page.wait_for_function(
+            "() => document.querySelector('#key-error').textContent.includes('invalid API key')"
+        )
+        page.fill("#key-form [name=key]", "the-right-key")
+        page.click("#key-form button")
+        page.wait_for_selector("body[data-ready='true']")
+        set_setting(page, "max_tokens", "3")
+        send(page, "Hello")
+        assert page.locator(".message.assistant").count() == 1
+        with page.expect_download() as download:
+            page.click("#export-md")  # downloads carry the key too
+        assert "Hello" in Path(download.value.path()).read_text(encoding="utf-8")
+        page.reload()  # the key is remembered in this browser
+        page.wait_for_selector("body[data-ready='true']")
+        assert page.locator("#key-dialog[open]").count() == 0
+        context.close()

@@ -5,9 +5,18 @@
 export const MAX_UPLOAD_BYTES = 4 * 1024 * 1024; // the server's body limit (413 beyond it)
 
 let csrfToken = null;
+// A server started with --api-key (and no accounts) guards /api with its keys: the page asks for
+// one once and keeps it in this browser.
+let apiKey = localStorage.getItem("tertulia.key");
 
 export function setCsrfToken(token) {
   csrfToken = token || null;
+}
+
+export function setApiKey(key) {
+  apiKey = key || null;
+  if (apiKey) localStorage.setItem("tertulia.key", apiKey);
+  else localStorage.removeItem("tertulia.key");
 }
 
 export class ApiError extends Error {
@@ -37,6 +46,7 @@ function headers(method, hasBody) {
   const result = { Accept: "application/json" };
   if (hasBody) result["Content-Type"] = "application/json";
   if (csrfToken && method !== "GET") result["X-CSRF-Token"] = csrfToken;
+  if (apiKey) result.Authorization = `Bearer ${apiKey}`;
   return result;
 }
 
@@ -58,6 +68,20 @@ export async function api(method, path, body, options = {}) {
   if (!response.ok) throw await errorFrom(response);
   if (response.status === 204) return null;
   return response.json();
+}
+
+/** Fetch a file from the API (with the same credentials) and hand it to the browser as a download. */
+export async function download(path, filename) {
+  const response = await fetch(path, { headers: headers("GET", false), credentials: "same-origin" });
+  if (!response.ok) throw await errorFrom(response);
+  const url = URL.createObjectURL(await response.blob());
+  const link = document.createElement("a");
+  link.href = url;
+  link.download = filename;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
 }
 
 /** POST a reply request and call onEvent for each event until `done` or an abort. */

@@ -1,13 +1,13 @@
 // The page's entry point: who is asking, what can be served, then the route (/ or /c/{id}), the top
 // bar's pickers, the composer and the keyboard shortcuts.
 
-import { api, setCsrfToken } from "./api.js";
+import { api, download, setApiKey, setCsrfToken } from "./api.js";
 import { applyText, currentLanguage, LANGUAGES, setLanguage, t } from "./i18n.js";
 import { state, on, current, modelFor } from "./state.js";
 import { applyIcons } from "./icons.js";
 import { el, $, showError } from "./ui.js";
 import { installSidebar, loadList, renderList } from "./sidebar.js";
-import { installPanels, loadPersonas, login, fillSettings } from "./panels.js";
+import { askKey, installPanels, loadPersonas, login, fillSettings } from "./panels.js";
 import {
   installCodeCopy,
   newChat,
@@ -92,14 +92,7 @@ function renderPickers() {
   );
   personas.value = fields.persona_id || "";
   const conversation = state.conversation;
-  for (const [selector, format] of [["#export-md", "markdown"], ["#export-json", "json"]]) {
-    const link = $(selector);
-    link.hidden = !conversation;
-    if (conversation) {
-      link.href = `/api/conversations/${conversation.id}/export?format=${format}`;
-      link.setAttribute("download", "");
-    }
-  }
+  $("#export-md").hidden = $("#export-json").hidden = !conversation;
   document.title = conversation ? `${conversation.title} · Tertulia` : "Tertulia";
 }
 
@@ -120,7 +113,16 @@ async function changeField(name, value) {
   }
 }
 
+function exportAs(format) {
+  const conversation = state.conversation;
+  if (!conversation) return;
+  const path = `/api/conversations/${conversation.id}/export?format=${format}`;
+  download(path, `conversation-${conversation.id}.${format === "json" ? "json" : "md"}`).catch(showError);
+}
+
 function installTopBar() {
+  $("#export-md").addEventListener("click", () => exportAs("markdown"));
+  $("#export-json").addEventListener("click", () => exportAs("json"));
   $("#model-picker").addEventListener("change", (event) => changeField("model", event.target.value));
   $("#persona-picker").addEventListener("change", (event) => changeField("persona_id", event.target.value));
   on("conversation", renderPickers);
@@ -194,7 +196,16 @@ function closeSidebar() {
 // --- start ---------------------------------------------------------------------------------------
 
 async function who() {
-  const me = await api("GET", "/api/auth/me");
+  let me;
+  for (;;) {
+    try {
+      me = await api("GET", "/api/auth/me");
+      break;
+    } catch (error) {
+      if (error.code !== "invalid_api_key") throw error;
+      setApiKey(await askKey(error.message));
+    }
+  }
   state.auth = me.auth;
   if (me.auth && !me.user) {
     const session = await login(me.first_account);

@@ -260,3 +260,23 @@ export function installPanels(startChat) {
     button.addEventListener("click", () => button.closest("dialog").close());
   }
 }
+
+/** Ask for the server's API key (shown again, with the server's message, when one was refused). */
+export function askKey(message) {
+  const dialog = $("#key-dialog");
+  const form = $("#key-form");
+  $("#key-error").textContent = localStorage.getItem("tertulia.key") ? message : "";
+  dialog.addEventListener("cancel", (event) => event.preventDefault());
+  dialog.showModal();
+  return new Promise((resolve) => {
+    form.addEventListener(
+      "submit",
+      (event) => {
+        event.preventDefault();
+        dialog.close();
+        resolve(form.elements.key.value.trim());
+      },
+      { once: true },
+    );
+  });
+}
