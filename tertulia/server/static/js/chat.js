@@ -60,8 +60,9 @@ function actions(turn) {
       action(t("good"), `rate-up${rating === 1 ? " active" : ""}`, rate(1), "up"),
       action(t("bad"), `rate-down${rating === -1 ? " active" : ""}`, rate(-1), "down"),
       action(t("regenerate"), "regenerate", () => regenerate(turn), "regenerate"),
-      statsLine(message),
     );
+    const line = statsLine(message);
+    if (line) row.append(line);
   }
   return row;
 }

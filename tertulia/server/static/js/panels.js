@@ -32,14 +32,16 @@ export function fillSettings() {
   form.elements.stop.value = (values.stop || []).join("\n");
 }
 
+/** The conversation's own settings: what the form shows, less what the defaults and persona give. */
 function readSettings() {
   const form = $("#settings-form");
+  const base = effective({ ...current(), settings: {} });
   const settings = {};
   for (const name of NUMBERS) {
     const raw = form.elements[name].value;
     if (raw === "") continue;
     const value = name === "max_tokens" || name === "seed" ? parseInt(raw, 10) : parseFloat(raw);
-    if (!Number.isNaN(value)) settings[name] = value;
+    if (!Number.isNaN(value) && value !== base[name]) settings[name] = value;
   }
   const stop = form.elements.stop.value.split("\n").filter((s) => s.length).slice(0, 4);
   if (stop.length) settings.stop = stop;
