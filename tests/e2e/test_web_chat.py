@@ -232,6 +232,13 @@ def test_export_json_and_markdown_and_import_back(page, web) -> None:
     page.wait_for_function(
         f"() => location.pathname.startsWith('/c/') && !location.pathname.endsWith('{cid}')"
     )
+    # The import is a new conversation (a copy), opened once it is stored.
+    page.wait_for_function(
+        "() => document.querySelector('#conversation-list .conversation.active')?.dataset.id"
+        " === location.pathname.slice(3)"
+    )
+    copy = conversation_id(page)
+    assert copy != cid and web.conversation(copy)["title"] == "Exportable"
     assert page.locator(".message.assistant .content strong").inner_text() == "Done"
 
 
