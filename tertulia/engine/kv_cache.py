@@ -25,6 +25,19 @@ from tertulia.models.config import ModelConfig
 DECODE_BUCKET = 128
 
 
+def decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v, as batched matmuls.
+
+    Not F.scaled_dot_product_attention: its CPU kernel is not batch-invariant on every CPU (on AVX2
+    machines a sequence's output changes with how many others share the call, by ~1e-7, which flips a
+    near-tied greedy token a few dozen steps on). Each matrix of a batched matmul, and each row of a
+    softmax, is computed on its own, so a sequence gets the same numbers alone or in a batch of 16.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    scores.mul_(q.shape[-1] ** -0.5).add_(bias)
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
 def bytes_per_position(config: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
     """KV memory one token costs across all layers (keys and values)."""
     element = torch.empty((), dtype=dtype).element_size()
@@ -145,32 +158,26 @@ class _Bucket:
         device = cache.device
         self.rows = torch.tensor(rows)
         self.span, self.count = span, len(rows)
-        self.mask = (
-            torch.arange(span, device=device) < torch.tensor(lengths, device=device).unsqueeze(1)
-        ).view(len(rows), 1, 1, span)
-        # A lone sequence whose blocks are consecutive is read in place, past its end included (those
-        # positions are masked, and finite): the same numbers a gather would give.
-        self.where: slice | torch.Tensor | None = None
-        if len(rows) == 1:
-            where = cache.locate(tables[0], 0, lengths[0])
-            if isinstance(where, slice) and where.start + span <= cache.positions:
-                self.where = slice(where.start, where.start + span)
-        if self.where is None:
-            parts = []
-            for table, length in zip(tables, lengths, strict=True):
-                where = cache.locate(table, 0, length)
-                if isinstance(where, slice):
-                    where = torch.arange(where.start, where.stop, device=device)
-                # Positions past the end read pool position 0 (masked, finite).
-                parts.append(F.pad(where, (0, span - length)))
-            self.where = torch.cat(parts)
+        valid = torch.arange(span, device=device) < torch.tensor(lengths, device=device).unsqueeze(1)
+        # Added to the scores: 0 where a position is the sequence's, -inf past its end.
+        self.bias = torch.zeros(valid.shape, device=device).masked_fill_(~valid, float("-inf"))
+        self.bias = self.bias.view(1, len(rows), 1, span)
+        # Always gathered, even a lone sequence whose blocks are consecutive: a view of the pool in
+        # place has other strides, and matmul kernels then round differently (see decode_attend).
+        parts = []
+        for table, length in zip(tables, lengths, strict=True):
+            where = cache.locate(table, 0, length)
+            if isinstance(where, slice):
+                where = torch.arange(where.start, where.stop, device=device)
+            # Positions past the end read pool position 0 (masked, finite).
+            parts.append(F.pad(where, (0, span - length)))
+        self.where = torch.cat(parts)
 
     def read(self, pool: torch.Tensor) -> torch.Tensor:
-        """[count, kv_heads, span, head_dim] keys or values."""
-        if isinstance(self.where, slice):
-            return pool[:, self.where].unsqueeze(0)
+        """[kv_heads, count, span, head_dim] keys or values: each [span, head_dim] matrix contiguous,
+        laid out the same whatever `count` is."""
         gathered = pool.index_select(1, self.where)
-        return gathered.view(pool.shape[0], self.count, self.span, pool.shape[2]).transpose(0, 1)
+        return gathered.view(pool.shape[0], self.count, self.span, pool.shape[2])
 
 
 class DecodeAttention:
@@ -198,17 +205,16 @@ class DecodeAttention:
         values.index_copy_(1, self.written, v.transpose(0, 1))
         batch, heads, dim = q.shape
         # Grouped-query attention without copying k/v: the query heads that share a kv head become
-        # the "query length" axis of that kv head.
-        grouped = q.view(batch, heads // self.cache.group, self.cache.group, dim)
+        # the "query length" axis of that kv head. Batch axes are [kv_heads, sequences], the layout
+        # the gathered keys and values come in (only the small queries are transposed).
+        grouped = q.view(batch, heads // self.cache.group, self.cache.group, dim).transpose(0, 1).contiguous()
         if len(self.buckets) == 1:
             bucket = self.buckets[0]
-            out = F.scaled_dot_product_attention(
-                grouped, bucket.read(keys), bucket.read(values), attn_mask=bucket.mask
-            )
-            return out.reshape(batch, heads * dim)
+            out = decode_attend(grouped, bucket.read(keys), bucket.read(values), bucket.bias)
+            return out.transpose(0, 1).reshape(batch, heads * dim)
         out = torch.empty_like(grouped)
         for bucket in self.buckets:
-            out[bucket.rows] = F.scaled_dot_product_attention(
-                grouped[bucket.rows], bucket.read(keys), bucket.read(values), attn_mask=bucket.mask
+            out[:, bucket.rows] = decode_attend(
+                grouped[:, bucket.rows], bucket.read(keys), bucket.read(values), bucket.bias
             )
-        return out.reshape(batch, heads * dim)
+        return out.transpose(0, 1).reshape(batch, heads * dim)
