@@ -54,7 +54,7 @@ $(CHROMIUM_STAMP):
 	touch $(CHROMIUM_STAMP)
 
 test: $(DEV_STAMP) $(PG_STAMP) $(CHROMIUM_STAMP)
-	$(VENV)/bin/ruff check tertulia tests benchmarks
+	$(VENV)/bin/ruff check tertulia tests benchmarks docs
 	$(PY) -m pytest -q -rs
 
 # Peers for the benchmarks. llama.cpp's default native build crashes on some CPUs (AVX-512/AMX), so it is
@@ -74,8 +74,8 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/prefix_cache.py
 
 lint: $(DEV_STAMP)
-	$(VENV)/bin/ruff check tertulia tests benchmarks
-	$(VENV)/bin/ruff format --check tertulia tests benchmarks
+	$(VENV)/bin/ruff check tertulia tests benchmarks docs
+	$(VENV)/bin/ruff format --check tertulia tests benchmarks docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

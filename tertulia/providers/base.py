@@ -26,6 +26,7 @@ class Delta:
     tokens: int = 0  # tokens this piece adds (0 for a piece that only ends the reply)
     finish_reason: str | None = None
     completion_tokens: int | None = None  # the provider's own total, when it reports one
+    error: str | None = None  # why the reply ended early (finish_reason "error")
 
 
 @dataclass

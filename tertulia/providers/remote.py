@@ -130,44 +130,79 @@ class RemoteModel:
         return relay()
 
 
-async def open_chat(model: RemoteModel, body: dict[str, Any]) -> AsyncIterator[Delta]:
-    """Start a streamed chat completion upstream (errors before its first byte raise here) and read
-    it back as text pieces of choice 0.
+class RemoteChat:
+    """A chat completion streaming from the upstream, read back as text pieces of choice 0.
 
-    Usage is asked for (`include_usage`) so the token count is the upstream's own. An error event
-    mid-stream ends the reply with finish_reason "error"; the text so far is kept.
+    Usage is asked for (`include_usage`) so the token count is the upstream's own. An error event or
+    a broken connection mid-stream ends the reply with finish_reason "error" and the upstream's
+    message; the text so far is kept. `close()` ends the upstream request at once (Stop, a closed tab).
     """
-    events = await model.stream(
-        "/chat/completions", dict(body, stream=True, stream_options={"include_usage": True})
-    )
-    return _deltas(events)
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+
+    @classmethod
+    async def open(cls, model: RemoteModel, body: dict[str, Any]) -> RemoteChat:
+        """Start the request; errors before its first byte raise UpstreamError here."""
+        stream_body = dict(body, model=model.name, stream=True, stream_options={"include_usage": True})
+        return cls(await model._send("/chat/completions", stream_body))
+
+    def close(self) -> None:
+        # A task of its own: the caller may be a cancelled task, where an await would be cut short
+        # and the connection left open (the upstream would go on generating for nobody).
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().create_task(self.response.aclose())
+
+    async def pieces(self) -> AsyncIterator[Delta]:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        buffer = ""
+        try:
+            async for raw in self.response.aiter_raw():
+                buffer += decoder.decode(raw).replace("\r\n", "\n").replace("\r", "\n")
+                *blocks, buffer = buffer.split("\n\n")
+                for block in blocks:
+                    for delta in _block_deltas(block):
+                        yield delta
+                        if delta.finish_reason == "error":
+                            return
+            for delta in _block_deltas(buffer + decoder.decode(b"", final=True)):
+                yield delta
+        except httpx.TransportError as exc:
+            yield Delta(finish_reason="error", error=f"The upstream stream broke off ({exc!r}).")
+        except _Done:
+            return
+        finally:
+            await self.response.aclose()
 
 
-async def _deltas(events: AsyncIterator[bytes]) -> AsyncIterator[Delta]:
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    buffer = ""
-    async for raw in events:
-        buffer += decoder.decode(raw)
-        while "\n\n" in buffer:
-            block, buffer = buffer.split("\n\n", 1)
-            for line in block.splitlines():
-                data = line[5:].strip() if line.startswith("data:") else None
-                if data == "[DONE]":
-                    return
-                if not data:
-                    continue
-                try:
-                    event = json.loads(data)
-                except json.JSONDecodeError:
-                    continue
-                if "error" in event:
-                    log.warning("upstream error mid-stream: %s", event["error"])
-                    yield Delta(finish_reason="error")
-                    return
-                for choice in event.get("choices") or []:
-                    if choice.get("index", 0) == 0:
-                        text = (choice.get("delta") or {}).get("content") or ""
-                        yield Delta(text, 1 if text else 0, choice.get("finish_reason"))
-                usage = event.get("usage") or {}
-                if isinstance(usage.get("completion_tokens"), int):
-                    yield Delta(completion_tokens=usage["completion_tokens"])
+class _Done(Exception):
+    """The upstream sent `data: [DONE]`."""
+
+
+def _block_deltas(block: str) -> list[Delta]:
+    """The pieces in one server-sent event (its `data:` lines joined, as the SSE format says)."""
+    data = "\n".join(line[5:].removeprefix(" ") for line in block.split("\n") if line.startswith("data:"))
+    if not data.strip():
+        return []
+    if data.strip() == "[DONE]":
+        raise _Done
+    try:
+        event = json.loads(data)
+    except json.JSONDecodeError:
+        return []
+    if not isinstance(event, dict):
+        return []
+    if event.get("error"):
+        error = event["error"]
+        message = error.get("message") if isinstance(error, dict) else None
+        return [Delta(finish_reason="error", error=str(message or error))]
+    deltas = []
+    for choice in event.get("choices") or []:
+        if isinstance(choice, dict) and choice.get("index", 0) == 0:
+            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            text = delta.get("content") if isinstance(delta.get("content"), str) else ""
+            deltas.append(Delta(text, 1 if text else 0, choice.get("finish_reason")))
+    usage = event.get("usage")
+    if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+        deltas.append(Delta(completion_tokens=usage["completion_tokens"]))
+    return deltas

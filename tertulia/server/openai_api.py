@@ -28,7 +28,8 @@ def served_models(request: Request) -> dict[str, ServedModel]:
 
 
 def pick_model(request: Request, name: str, *, admit: bool = True) -> ServedModel | RemoteModel:
-    """The served model called `name` (404 otherwise); with `admit`, 429 when its queue is full."""
+    """The served model called `name` (404 otherwise). With `admit` (a request that will generate):
+    counted in the metrics, and 429 when its queue is full."""
     models = served_models(request)
     if name not in models:
         raise APIError(
@@ -39,9 +40,12 @@ def pick_model(request: Request, name: str, *, admit: bool = True) -> ServedMode
             code="model_not_found",
         )
     model = models[name]
-    request.app.state.metrics.requests.labels(name, request.url.path).inc()
-    if admit and isinstance(model, ServedModel):
-        check_queue(model.runner.pending, request.app.state.max_queue)
+    if admit:
+        # Labelled by the route's template, so ids in paths do not make a series per conversation.
+        route = getattr(request.scope.get("route"), "path", request.url.path)
+        request.app.state.metrics.requests.labels(name, route).inc()
+        if isinstance(model, ServedModel):
+            check_queue(model.runner.pending, request.app.state.max_queue)
     return model
 
 

@@ -4,7 +4,8 @@ Events, one JSON object per `data:` line:
 - `start`: the user message (unless regenerating), the reply's id, prompt tokens, context size and how
   many earlier messages were left out to fit it (the UI's context meter);
 - `delta`: more reply text;
-- `done`: the reply's final status (`complete`, or `incomplete` if stopped), its token count and speed.
+- `done`: the reply's final status (`complete`, or `incomplete` if stopped or cut off), its token count
+  and speed, and `error` when a remote server broke the reply off.
 The prompt is fitted to the context before anything is stored, so a message that cannot fit is
 refused (400 `context_length_exceeded`) without leaving a question with no answer behind.
 
@@ -31,7 +32,7 @@ from tertulia.engine.runner import RequestStream
 from tertulia.engine.sampling import SamplingParams
 from tertulia.providers.base import Delta
 from tertulia.providers.local import ServedModel
-from tertulia.providers.remote import RemoteModel, open_chat
+from tertulia.providers.remote import RemoteChat, RemoteModel, UpstreamError
 from tertulia.server.auth_api import request_store, request_user
 from tertulia.server.conversations_api import (
     ReplyRequest,
@@ -66,16 +67,17 @@ def _sampling(settings: dict[str, Any], max_tokens: int) -> SamplingParams:
     )
 
 
-def _reply_model(request: Request, name: str | None) -> ServedModel | RemoteModel:
-    """The conversation's model, or the first local one (the default)."""
-    if name is None:
-        local = [m for m in served_models(request).values() if isinstance(m, ServedModel)]
-        if not local:
-            raise APIError(
-                400, "No local model is served; choose a model for this conversation.", param="model"
-            )
-        name = local[0].name
-    return pick_model(request, name)
+def default_model(request: Request) -> str:
+    """What a conversation without a model uses: the first local model, else the first served one
+    (the page's model picker shows the same choice)."""
+    models = served_models(request)
+    local = [name for name, m in models.items() if isinstance(m, ServedModel)]
+    return (local or list(models))[0]
+
+
+def context_of(model: ServedModel | RemoteModel) -> int | None:
+    """The model's context size; None for a remote model (its tokenizer is not here)."""
+    return model.provider.context_length if isinstance(model, ServedModel) else None
 
 
 @dataclass
@@ -112,8 +114,7 @@ class ReplySetup:
 
     @property
     def context(self) -> int | None:
-        """The model's context size; None for a remote model (its tokenizer is not here)."""
-        return self.model.provider.context_length if isinstance(self.model, ServedModel) else None
+        return context_of(self.model)
 
     def reserve(self) -> int:
         """Room kept for the reply: max_tokens when set, else the terminal chat's default share."""
@@ -131,8 +132,15 @@ class ReplySetup:
         """Start generating; any refusal (context, sampling, upstream) raises before anything is stored."""
         if isinstance(self.model, RemoteModel):
             body = {k: v for k, v in self.chosen.items() if k in OPENAI_SETTINGS}
-            pieces = await open_chat(self.model, dict(body, messages=messages))
-            return ReplySource(pieces, lambda: None, None, None)
+            try:
+                chat = await RemoteChat.open(self.model, dict(body, messages=messages))
+            except UpstreamError as exc:
+                if exc.status not in (401, 403):
+                    raise
+                # The upstream refused *our* key: not something the page's user can log in to fix.
+                message = f"The server behind '{self.model.name}' refused this server's API key."
+                raise APIError(502, message, type="upstream_error") from None
+            return ReplySource(chat.pieces(), chat.close, None, None)
         fitted = await self.fit(messages)
         context = self.model.provider.context_length
         params = _sampling(self.settings, min(self.reserve(), context - fitted.prompt_tokens))
@@ -144,8 +152,14 @@ class ReplySetup:
 
 
 async def reply_setup(
-    request: Request, user: str, conversation_id: str, overrides: dict[str, Any] | None = None
+    request: Request,
+    user: str,
+    conversation_id: str,
+    overrides: dict[str, Any] | None = None,
+    *,
+    admit: bool = True,
 ) -> ReplySetup:
+    """`admit`: this will generate (counted, and refused with 429 when the model's queue is full)."""
     conversation = await store_call(request, "conversation", user, conversation_id)
     persona = (
         await store_call(request, "persona", user, conversation.persona_id)
@@ -154,7 +168,8 @@ async def reply_setup(
     )
     check_request_settings(overrides)
     layers = (persona.settings if persona else None, conversation.settings, overrides)
-    model = _reply_model(request, conversation.model or (persona.model if persona else None))
+    name = conversation.model or (persona.model if persona else None) or default_model(request)
+    model = pick_model(request, name, admit=admit)
     return ReplySetup(
         conversation, persona, merged_settings(DEFAULT_SETTINGS, *layers), merged_settings(*layers), model
     )
@@ -162,14 +177,18 @@ async def reply_setup(
 
 @router.get("/models")
 async def list_models(request: Request) -> list[dict[str, Any]]:
-    """What the model picker offers: local models with their context size, and remote ones."""
+    """What the model picker offers, the default first: local models with their context size and
+    the settings a reply uses unless told otherwise; remote ones (their server's defaults apply)."""
+    default = default_model(request)
+    models = sorted(served_models(request).items(), key=lambda item: item[0] != default)
     return [
         {
             "id": name,
             "local": isinstance(model, ServedModel),
-            "context_length": model.provider.context_length if isinstance(model, ServedModel) else None,
+            "context_length": context_of(model),
+            "default_settings": DEFAULT_SETTINGS if isinstance(model, ServedModel) else {},
         }
-        for name, model in served_models(request).items()
+        for name, model in models
     ]
 
 
@@ -178,7 +197,7 @@ async def context_use(conversation_id: str, request: Request) -> dict[str, Any]:
     """The context meter: tokens the shown branch sends to the model, and what would be left out.
     For a remote model nothing is counted here (`context` is null)."""
     user = await request_user(request)
-    setup = await reply_setup(request, user, conversation_id)
+    setup = await reply_setup(request, user, conversation_id, admit=False)
     if setup.context is None:
         return {"model": setup.model.name, "prompt_tokens": None, "context": None, "dropped": 0}
     turns = await store_call(request, "path", user, conversation_id)
@@ -268,7 +287,7 @@ async def _events(
     pending: list[str] = []
     last_save = time.perf_counter()
     tokens, reported, first, last = 0, None, None, None
-    finish = None
+    finish, error = None, None
     try:
         async for piece in source.pieces:
             now = time.perf_counter()
@@ -282,10 +301,13 @@ async def _events(
                 pending.append(piece.text)
                 yield _sse({"type": "delta", "text": piece.text})
             if pending and now - last_save >= SAVE_EVERY_SECONDS:
-                await asyncio.to_thread(store.append, message_id, "".join(pending))
-                pending, last_save = [], now
+                # Taken from `pending` before the await: if the client leaves meanwhile, the save
+                # still completes and the final one below must not repeat it.
+                chunk, pending, last_save = "".join(pending), [], now
+                await asyncio.to_thread(store.append, message_id, chunk)
             if piece.finish_reason:
                 finish = piece.finish_reason
+                error = piece.error
     finally:
         # Also reached when the client goes away (Stop, a closed tab): the generator is closed. Saving
         # here is synchronous because the task may be cancelled; it is one short transaction.
@@ -305,5 +327,6 @@ async def _events(
             "finish_reason": finish,
             "completion_tokens": tokens,
             "tokens_per_second": speed,
+            "error": error,
         }
     )

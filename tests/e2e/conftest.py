@@ -9,7 +9,6 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
@@ -20,7 +19,7 @@ from tertulia.providers.local import LocalProvider, ServedModel
 from tertulia.server.app import create_app
 from tertulia.store.conversations import Store
 from tertulia.store.database import open_store
-from tests.server.conftest import running
+from tests.server.conftest import LiveServer, running
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 
@@ -29,7 +28,9 @@ def chromium_path() -> str | None:
     return next((found for name in CHROMIUM_NAMES if (found := shutil.which(name))), None)
 
 
-@pytest.fixture(scope="session")
+# Package scope, not session: Playwright's sync API keeps an asyncio loop running on this thread while
+# it is open, and the rest of the suite calls asyncio.run().
+@pytest.fixture(scope="package")
 def browser() -> Iterator[object]:
     executable = chromium_path()
     if executable is None:
@@ -57,19 +58,11 @@ def page(browser) -> Iterator[object]:
     assert not errors, f"errors in the page: {errors}"
 
 
-def static_root() -> Path:
-    from tertulia.server.web import STATIC
-
-    return STATIC
-
-
 @dataclass
-class WebServer:
+class WebServer(LiveServer):
     """A live server with a store; `api` is an httpx client of its /api (the local user's)."""
 
-    url: str
     store: Store
-    model: ServedModel
 
     def api(self) -> httpx.Client:
         return httpx.Client(base_url=f"{self.url}/api", timeout=60)
@@ -99,7 +92,7 @@ def web(embedded_dir, tmp_path_factory) -> Iterator[WebServer]:
     served = ServedModel(LocalProvider(engine))
     store = Store(open_store(f"sqlite:///{tmp_path_factory.mktemp('web') / 'chats.db'}"))
     with running(create_app([served], store=store)) as url:
-        yield WebServer(url, store, served)
+        yield WebServer(url, served, store)
 
 
 def export_of(*turns: tuple[str, str], title: str = "Imported chat") -> dict:

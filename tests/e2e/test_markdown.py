@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from tertulia.server.app import create_app
-from tests.e2e.conftest import static_root
+from tertulia.server.web import STATIC
 from tests.server.conftest import running
 
 RENDER = """async ([text, options, serialize]) => {
@@ -244,7 +244,6 @@ XSS_PAYLOADS = [
 @pytest.mark.parametrize("payload", XSS_PAYLOADS)
 def test_xss_payloads_stay_text(md, payload):
     render(md, payload)
-    md.wait_for_timeout(150)
     assert md.evaluate("() => window.__xss") is None
     assert out(md, "box.querySelectorAll('script, img, svg, iframe, object, embed, style, form').length") == 0
     attributes = set(out(md, ATTRIBUTE_NAMES))
@@ -260,7 +259,7 @@ HTML_FROM_STRINGS = ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.w
 
 
 def test_renderer_never_builds_html_from_strings():
-    sources = sorted(static_root().glob("js/markdown*.js")) + sorted(static_root().glob("js/highlight*.js"))
+    sources = sorted(STATIC.glob("js/markdown*.js")) + sorted(STATIC.glob("js/highlight*.js"))
     assert len(sources) >= 2
     allowed = {"data-lang", "start", "checked"}
     for source in sources:

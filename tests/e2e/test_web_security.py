@@ -48,7 +48,6 @@ INERT = """() => {
 
 
 def assert_inert(page) -> None:
-    page.wait_for_timeout(300)  # let an onerror/onload fire, if anything could make one
     found = page.evaluate(INERT)
     assert found == {"xss": None, "bad": [], "handlers": [], "links": []}
 
@@ -78,9 +77,7 @@ def test_xss_in_a_user_message_and_in_a_model_reply_stays_inert(page, web) -> No
     assert_inert(page)
 
     # The same payloads typed by the user, then answered by the real model.
-    page.click("#open-settings")
-    page.fill("#settings-form [name=max_tokens]", "8")
-    page.wait_for_timeout(600)
+    set_setting(page, "max_tokens", "8")
     send(page, EVIL)
     assert page.locator(".message.user .content").last.inner_text() == EVIL
     assert_inert(page)

@@ -236,7 +236,14 @@ def test_a_bad_import_changes_nothing(server, broken: dict) -> None:
 
 def test_models_and_the_context_meter(server) -> None:
     api, _, _ = server
-    assert httpx.get(f"{api}/models").json() == [{"id": "tiny-llama", "local": True, "context_length": 4096}]
+    assert httpx.get(f"{api}/models").json() == [
+        {
+            "id": "tiny-llama",
+            "local": True,
+            "context_length": 4096,
+            "default_settings": {"temperature": 0.3, "top_p": 0.9, "repetition_penalty": 1.1},
+        }
+    ]
     assert httpx.get(f"{api}/auth/me").json() == {"auth": False, "user": None}
     conversation = new_conversation(api, system_prompt="Be brief.", settings={"max_tokens": 4})
     empty = httpx.get(f"{api}/conversations/{conversation}/context").json()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
+
 import httpx
 import openai
 import pytest
@@ -9,13 +13,13 @@ import pytest
 from tertulia.engine.engine import Engine
 from tertulia.errors import TertuliaError
 from tertulia.providers.local import LocalProvider, ServedModel
-from tertulia.providers.remote import RemoteModel, parse_spec
+from tertulia.providers.remote import RemoteChat, RemoteModel, parse_spec
 from tertulia.server.app import create_app
 from tertulia.store.conversations import Store
 from tertulia.store.database import open_store
 from tests.server.conftest import free_port, running
 from tests.server.openapi_schema import validate
-from tests.server.test_conversations_api import new_conversation, send
+from tests.server.test_conversations_api import events, new_conversation, send
 
 QUESTION = [{"role": "user", "content": "hello there"}]
 
@@ -113,7 +117,9 @@ def test_a_conversation_with_a_remote_model_streams_and_is_kept(
         front_app = create_app([remote(name, up)], store=store)
         with running(front_app) as front:
             api = f"{front}/api"
-            assert httpx.get(f"{api}/models").json() == [{"id": name, "local": False, "context_length": None}]
+            assert httpx.get(f"{api}/models").json() == [
+                {"id": name, "local": False, "context_length": None, "default_settings": {}}
+            ]
             conversation = new_conversation(api, model=name, settings={"temperature": 0, "max_tokens": 10})
             events = send(api, conversation, content="hello there")
             start, done = events[0], events[-1]
@@ -133,3 +139,97 @@ def test_a_conversation_with_a_remote_model_streams_and_is_kept(
             )
             assert refused.status_code == 400 and "context" in refused.json()["error"]["message"]
             assert len(httpx.get(f"{api}/conversations/{conversation}").json()["messages"]) == 2
+
+
+class Chunks(httpx.AsyncByteStream):
+    """An upstream's response body arriving in the given pieces."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    async def __aiter__(self):
+        for chunk in self.chunks:
+            yield chunk
+
+
+def read_pieces(chunks: list[bytes]) -> list:
+    async def collect() -> list:
+        return [d async for d in RemoteChat(httpx.Response(200, stream=Chunks(chunks))).pieces()]
+
+    return asyncio.run(collect())
+
+
+def chunk(text: str, finish: str | None = None) -> dict:
+    return {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
+
+
+def test_remote_streams_are_read_whatever_their_line_endings_and_splits() -> None:
+    events = [
+        chunk("Ho"),
+        chunk("la ñ"),
+        chunk("", "stop"),
+        {"choices": [], "usage": {"completion_tokens": 3}},
+    ]
+    body = (
+        "".join(f"data: {json.dumps(e, ensure_ascii=False)}\r\n\r\n" for e in events) + "data: [DONE]\r\n\r\n"
+    )
+    raw = body.encode()
+    split = [raw[i : i + 7] for i in range(0, len(raw), 7)]  # splits inside lines and inside "ñ"
+    pieces = read_pieces(split)
+    assert "".join(p.text for p in pieces) == "Hola ñ"
+    assert [p.finish_reason for p in pieces if p.finish_reason] == ["stop"]
+    assert pieces[-1].completion_tokens == 3
+    # A last event with no blank line after it still counts; junk and non-object events are skipped.
+    tail = (
+        b'data: 5\n\ndata: [1]\n\n: a comment\n\ndata: {"choices": [{"index": 0, "delta": {"content": "x"}}]}'
+    )
+    assert [p.text for p in read_pieces([tail])] == ["x"]
+
+
+def test_an_upstream_error_mid_stream_ends_the_reply_with_its_message() -> None:
+    body = f"data: {json.dumps(chunk('partial'))}\n\n" + 'data: {"error": {"message": "GPU fell over"}}\n\n'
+    pieces = read_pieces([body.encode(), b'data: {"choices": [{"delta": {"content": "never"}}]}\n\n'])
+    assert [p.text for p in pieces] == ["partial", ""]
+    assert pieces[-1].finish_reason == "error" and pieces[-1].error == "GPU fell over"
+    assert [p.text for p in read_pieces([b'data: {"error": null, "choices": []}\n\n'])] == []
+
+
+def test_a_remote_conversation_whose_upstream_is_down_stores_nothing(tmp_path) -> None:
+    store = Store(open_store(f"sqlite:///{tmp_path / 'chats.db'}"))
+    gone = remote("far-away", f"http://127.0.0.1:{free_port()}", retries=1)
+    with running(create_app([gone], store=store)) as front:
+        api = f"{front}/api"
+        conversation = new_conversation(api)  # no model named: the only one served is the default
+        refused = httpx.post(f"{api}/conversations/{conversation}/reply", json={"content": "hello?"})
+        assert refused.status_code == 502 and "unreachable" in refused.json()["error"]["message"]
+        assert httpx.get(f"{api}/conversations/{conversation}").json()["messages"] == []
+
+
+def test_stopping_a_remote_reply_stops_the_upstream(make_tiny_model, tmp_path) -> None:
+    upstream_model = ServedModel(LocalProvider(Engine(make_tiny_model(max_position_embeddings=4096))))
+    name = upstream_model.name
+    store = Store(open_store(f"sqlite:///{tmp_path / 'chats.db'}"))
+    with (
+        running(create_app([upstream_model])) as up,
+        running(create_app([remote(name, up)], store=store)) as front,
+    ):
+        api = f"{front}/api"
+        conversation = new_conversation(api, settings={"max_tokens": 3000, "temperature": 1.0})
+        with httpx.stream(
+            "POST", f"{api}/conversations/{conversation}/reply", json={"content": "Go on and on."}, timeout=60
+        ) as response:
+            stream = events(response)
+            assert next(stream)["type"] == "start"
+            assert next(stream)["type"] == "delta"
+        # The page went away: the front closes its upstream request, whose engine then stops.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not upstream_model.provider.engine.idle:
+            time.sleep(0.05)
+        assert upstream_model.provider.engine.idle
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            reply = httpx.get(f"{api}/conversations/{conversation}").json()["messages"][-1]
+            if reply["status"] != "streaming":
+                break
+            time.sleep(0.05)
+        assert reply["status"] == "incomplete" and reply["completion_tokens"] < 3000

@@ -86,28 +86,40 @@ export async function download(path, filename) {
 
 /** POST a reply request and call onEvent for each event until `done` or an abort. */
 export async function streamReply(conversationId, body, onEvent, signal) {
-  const response = await fetch(`/api/conversations/${encodeURIComponent(conversationId)}/reply`, {
-    method: "POST",
-    headers: headers("POST", true),
-    body: JSON.stringify(body),
-    credentials: "same-origin",
-    signal,
-  });
+  let response;
+  try {
+    response = await fetch(`/api/conversations/${encodeURIComponent(conversationId)}/reply`, {
+      method: "POST",
+      headers: headers("POST", true),
+      body: JSON.stringify(body),
+      credentials: "same-origin",
+      signal,
+    });
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    throw new ApiError(0, "The server cannot be reached.", "offline");
+  }
   if (!response.ok) throw await errorFrom(response);
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buffer += decoder.decode(value, { stream: true });
-    let end;
-    while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const block = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      for (const line of block.split("\n")) {
-        if (line.startsWith("data: ")) onEvent(JSON.parse(line.slice(6)));
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        for (const line of block.split("\n")) {
+          if (line.startsWith("data: ")) onEvent(JSON.parse(line.slice(6)));
+        }
       }
     }
+  } catch (error) {
+    reader.cancel().catch(() => {}); // the server stops generating for a reader that is gone
+    if (error.name === "AbortError") throw error;
+    throw error instanceof ApiError || error instanceof SyntaxError ? error : new ApiError(0, "The reply was cut off.", "offline");
   }
 }

@@ -7,11 +7,12 @@ import { state, on, current, modelFor } from "./state.js";
 import { applyIcons } from "./icons.js";
 import { el, $, showError } from "./ui.js";
 import { installSidebar, loadList, renderList } from "./sidebar.js";
-import { askKey, installPanels, loadPersonas, login, fillSettings } from "./panels.js";
+import { askKey, fillSettings, flushSettings, installPanels, loadPersonas, login } from "./panels.js";
 import {
   installCodeCopy,
   newChat,
   openConversation,
+  patchConversation,
   refreshMeter,
   renderConversation,
   send,
@@ -84,7 +85,11 @@ function renderPickers() {
   const models = $("#model-picker");
   models.replaceChildren(...state.models.map((m) => el("option", { value: m.id }, m.local ? m.id : `${m.id} ↗`)));
   const model = modelFor(fields);
-  if (model) models.value = model.id;
+  if (fields.model && (!model || model.id !== fields.model)) {
+    // A conversation kept with a model this server no longer serves: say so, and let another be picked.
+    models.prepend(el("option", { value: fields.model, disabled: true }, `${fields.model} (${t("unavailable")})`));
+    models.value = fields.model;
+  } else if (model) models.value = model.id;
   const personas = $("#persona-picker");
   personas.replaceChildren(
     el("option", { value: "" }, t("noPersona")),
@@ -104,8 +109,8 @@ async function changeField(name, value) {
     return;
   }
   try {
-    const updated = await api("PATCH", `/api/conversations/${state.conversation.id}`, { [name]: value || null });
-    state.conversation[name] = updated[name];
+    await patchConversation(state.conversation.id, { [name]: value || null });
+    renderPickers();
     refreshMeter();
   } catch (error) {
     showError(error);
@@ -140,12 +145,16 @@ function fitInput(input) {
 function installComposer() {
   const form = $("#composer");
   const input = $("#input");
-  const submit = () => {
+  const submit = async () => {
     const text = input.value;
     if (!text.trim() || state.streaming) return;
     input.value = "";
     fitInput(input);
-    send(text);
+    await flushSettings();
+    if (!(await send(text)) && !input.value) {
+      input.value = text; // refused (too long, offline…): the message is not lost
+      fitInput(input);
+    }
   };
   form.addEventListener("submit", (event) => {
     event.preventDefault();

@@ -131,22 +131,29 @@ export async function refreshMeter() {
   try {
     const fit = await api("GET", `/api/conversations/${conversation.id}/context`);
     if (state.conversation === conversation) showMeter(fit.prompt_tokens, fit.context, fit.dropped);
-  } catch (error) {
-    $("#context-meter").hidden = true; // e.g. a remote model: no tokenizer to count with
-    if (error.status !== 400) showError(error);
+  } catch {
+    // An unserved model or a full queue: the meter waits; sending a message says what is wrong.
+    if (state.conversation === conversation) $("#context-meter").hidden = true;
   }
 }
 
 // --- loading -------------------------------------------------------------------------------------
 
+// Bumped by every navigation: a response that arrives for a view the user has left is dropped.
+let navigation = 0;
 let pollTimer = null;
+const FOLLOW_MS = 500;
 
-export async function openConversation(id, { quiet = false } = {}) {
+const isStreaming = (conversation) => conversation.messages.some((m) => m.status === "streaming");
+
+export async function openConversation(id, { quiet = false, follow = false } = {}) {
   clearTimeout(pollTimer);
+  const mine = follow ? navigation : ++navigation;
   let conversation;
   try {
     conversation = await api("GET", `/api/conversations/${encodeURIComponent(id)}`);
   } catch (error) {
+    if (mine !== navigation) return;
     if (error.status === 404) {
       state.conversation = null;
       emit("conversation", null);
@@ -156,23 +163,39 @@ export async function openConversation(id, { quiet = false } = {}) {
     }
     throw error;
   }
+  if (mine !== navigation || state.streaming) return;
+  const unchanged = follow && state.conversation && JSON.stringify(state.conversation) === JSON.stringify(conversation);
   state.conversation = conversation;
-  emit("conversation", conversation);
-  renderConversation();
-  if (!quiet) refreshMeter();
-  // A reply still being written (by another tab, or the server after a reload): follow it.
-  if (conversation.messages.some((m) => m.status === "streaming") && !state.streaming) {
-    pollTimer = setTimeout(() => state.conversation === conversation && openConversation(id, { quiet: true }), 1000);
-  } else if (quiet) refreshMeter();
+  if (!unchanged) {
+    emit("conversation", conversation);
+    renderConversation();
+  }
+  // A reply still being written (by another tab, or stopped and not yet closed): follow it.
+  if (isStreaming(conversation)) {
+    pollTimer = setTimeout(() => openConversation(id, { quiet: true, follow: true }), FOLLOW_MS);
+  }
+  if (!quiet || !isStreaming(conversation)) refreshMeter();
 }
 
 export function newChat(fields = {}) {
   clearTimeout(pollTimer);
+  navigation++;
   state.conversation = null;
   state.draft = { persona_id: null, model: null, system_prompt: null, settings: {}, ...fields };
   emit("conversation", null);
   renderConversation();
   refreshMeter();
+}
+
+/** PATCH the conversation; the answer updates the page only if it still shows that conversation. */
+export async function patchConversation(id, fields) {
+  const updated = await api("PATCH", `/api/conversations/${id}`, fields);
+  if (state.conversation && state.conversation.id === id) {
+    for (const key of Object.keys(fields)) state.conversation[key] = updated[key];
+  }
+  const listed = state.conversations.find((c) => c.id === id);
+  if (listed) Object.assign(listed, { title: updated.title, updated_at: updated.updated_at });
+  return updated;
 }
 
 // --- replies -------------------------------------------------------------------------------------
@@ -184,8 +207,11 @@ function nearBottom(box) {
 /**
  * Stream a reply: `keep` turns stay shown, then the new user message (if any) and the growing reply.
  * The server stores both as they arrive; when it is done, the conversation is read back.
+ * Returns whether the server took the request (false: refused, nothing was stored).
  */
 async function runReply(conversationId, request, keep, userText) {
+  clearTimeout(pollTimer);
+  const mine = navigation;
   const box = messagesBox();
   const shown = state.conversation ? state.conversation.messages.slice(0, keep) : [];
   if (state.conversation) state.conversation.messages = shown;
@@ -204,8 +230,7 @@ async function runReply(conversationId, request, keep, userText) {
   const content = reply.querySelector(".content");
   let text = "";
   let frame = null;
-  let prompt = 0;
-  let context = 0;
+  let started = false;
   const paint = () => {
     frame = null;
     const follow = nearBottom(box);
@@ -218,15 +243,14 @@ async function runReply(conversationId, request, keep, userText) {
       request,
       (event) => {
         if (event.type === "start") {
+          started = true;
           reply.dataset.id = event.assistant_message_id;
-          prompt = event.prompt_tokens;
-          context = event.context;
-          showMeter(prompt, context, event.dropped);
+          showMeter(event.prompt_tokens, event.context, event.dropped);
         } else if (event.type === "delta") {
           text += event.text;
           if (frame === null) frame = requestAnimationFrame(paint);
-        } else if (event.type === "done") {
-          showMeter(prompt + event.completion_tokens, context, 0);
+        } else if (event.type === "done" && event.error) {
+          showError(new Error(event.error));
         }
       },
       controller.signal,
@@ -238,18 +262,11 @@ async function runReply(conversationId, request, keep, userText) {
     state.streaming = null;
     emit("streaming", false);
   }
-  if (controller.signal.aborted) await waitUntilSaved(conversationId);
-  await openConversation(conversationId, { quiet: true });
+  // Stopped: the request reached the server, which keeps what it has (the reload follows it).
+  const taken = started || controller.signal.aborted;
+  if (mine === navigation) await openConversation(conversationId, { quiet: true }).catch(showError);
   emit("saved", conversationId);
-}
-
-/** After Stop, the server marks the reply incomplete once it notices the closed connection. */
-async function waitUntilSaved(conversationId) {
-  for (let attempt = 0; attempt < 20; attempt++) {
-    const conversation = await api("GET", `/api/conversations/${conversationId}`);
-    if (!conversation.messages.some((m) => m.status === "streaming")) return;
-    await new Promise((resolve) => setTimeout(resolve, 150));
-  }
+  return taken;
 }
 
 async function ensureConversation() {
@@ -264,16 +281,25 @@ async function ensureConversation() {
   return created.id;
 }
 
+/** Send a message; false when it was refused (the caller keeps the text for the user). */
 export async function send(text) {
-  if (state.streaming) return;
+  if (state.streaming) return false;
+  if (state.conversation && isStreaming(state.conversation)) {
+    showError(new Error(t("streamingElsewhere"))); // answer it once it is written, not half-way
+    return false;
+  }
+  const fresh = !state.conversation;
   try {
     const id = await ensureConversation();
     // Answer what this tab shows: another tab's newer messages make a branch here, not a tangle.
     const shown = state.conversation.messages;
     const parent = shown.length ? shown[shown.length - 1].id : null;
-    await runReply(id, { content: text, parent_id: parent }, shown.length, text);
+    const taken = await runReply(id, { content: text, parent_id: parent }, shown.length, text);
+    if (!taken && fresh) await discard(id);
+    return taken;
   } catch (error) {
     showError(error);
+    return false;
   }
 }
 
@@ -287,16 +313,30 @@ async function regenerate(turn) {
   await runReply(state.conversation.id, { parent_id: turn.parent_id, regenerate: true }, index, null);
 }
 
-function startEdit(turn) {
+/** A new chat whose first message was refused: remove the empty conversation, keep the draft. */
+async function discard(id) {
+  if (state.conversation && state.conversation.messages.length) return;
+  await api("DELETE", `/api/conversations/${id}`).catch(() => {});
+  navigation++;
+  state.conversation = null;
+  history.replaceState(null, "", "/");
+  emit("conversation", null);
+  emit("deleted", id);
+  renderConversation();
+}
+
+function startEdit(turn, draft = turn.content) {
   if (state.streaming) return;
-  const view = messagesBox().querySelector(`[data-id="${CSS.escape(turn.id)}"]`);
-  const area = el("textarea", { class: "edit-box", rows: Math.min(12, turn.content.split("\n").length + 1) });
-  area.value = turn.content;
+  const node = messagesBox().querySelector(`[data-id="${CSS.escape(turn.id)}"]`);
+  if (!node) return;
+  const area = el("textarea", { class: "edit-box", rows: Math.min(12, draft.split("\n").length + 1) });
+  area.value = draft;
   const submit = async () => {
     const text = area.value;
     if (!text.trim()) return;
     const index = state.conversation.messages.findIndex((m) => m.id === turn.id);
-    await runReply(state.conversation.id, { content: text, parent_id: turn.parent_id }, index, text);
+    const taken = await runReply(state.conversation.id, { content: text, parent_id: turn.parent_id }, index, text);
+    if (!taken) startEdit(turn, text); // refused: the edit is still there to fix
   };
   area.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
@@ -315,7 +355,7 @@ function startEdit(turn) {
       el("button", { type: "button", class: "primary save-edit", onclick: submit }, t("saveSend")),
     ),
   );
-  view.replaceChildren(editor);
+  node.replaceChildren(editor);
   area.focus();
 }
 

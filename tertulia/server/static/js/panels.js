@@ -3,18 +3,20 @@
 
 import { api } from "./api.js";
 import { t } from "./i18n.js";
-import { state, emit, current, on } from "./state.js";
-import { el, $, showError, debounce, copyText, flash } from "./ui.js";
+import { patchConversation } from "./chat.js";
+import { state, emit, current, on, modelFor } from "./state.js";
+import { el, $, showError, copyText, flash } from "./ui.js";
 
-// What the server uses when nothing is set (replies_api.DEFAULT_SETTINGS); shown, not stored.
-const DEFAULTS = { temperature: 0.3, top_p: 0.9, repetition_penalty: 1.1, frequency_penalty: 0, presence_penalty: 0 };
 const NUMBERS = ["temperature", "top_p", "max_tokens", "frequency_penalty", "presence_penalty", "repetition_penalty", "seed"];
 
 // --- settings ------------------------------------------------------------------------------------
 
+/** What a reply will use: the model's defaults (from the server), then the persona's, then these. */
 function effective(fields) {
   const persona = state.personas.find((p) => p.id === fields.persona_id);
-  return { ...DEFAULTS, ...(persona ? persona.settings : {}), ...(fields.settings || {}) };
+  const model = modelFor(fields);
+  const defaults = (model && model.default_settings) || {};
+  return { ...defaults, ...(persona ? persona.settings : {}), ...(fields.settings || {}) };
 }
 
 export function fillSettings() {
@@ -48,38 +50,58 @@ function readSettings() {
   return settings;
 }
 
-async function saveSettings() {
-  const form = $("#settings-form");
-  const fields = { settings: readSettings(), system_prompt: form.elements.system_prompt.value || null };
-  if (!state.conversation) {
-    Object.assign(state.draft, fields);
-    return;
-  }
+// A change is applied to the page at once and sent to the server shortly after (one PATCH for a
+// burst of slider moves), to the conversation it was made in even if the user has moved on.
+let pending = null;
+let pendingTimer = null;
+const SAVE_DELAY_MS = 400;
+
+function markSaved() {
+  document.body.dataset.settingsSaved = String(Number(document.body.dataset.settingsSaved || 0) + 1);
+}
+
+/** Send a change still waiting (before a message goes out, so the reply uses it). */
+export async function flushSettings() {
+  clearTimeout(pendingTimer);
+  const change = pending;
+  pending = null;
+  if (!change) return;
   try {
-    const updated = await api("PATCH", `/api/conversations/${state.conversation.id}`, fields);
-    Object.assign(state.conversation, { settings: updated.settings, system_prompt: updated.system_prompt });
-    emit("settings", updated);
+    const updated = await patchConversation(change.id, change.fields);
+    if (state.conversation && state.conversation.id === change.id) emit("settings", updated);
+    markSaved();
   } catch (error) {
     showError(error);
   }
 }
 
+function settingsChanged() {
+  const form = $("#settings-form");
+  const fields = { settings: readSettings(), system_prompt: form.elements.system_prompt.value || null };
+  Object.assign(current(), fields); // a draft takes them now; it is saved with its first message
+  if (!state.conversation) {
+    markSaved();
+    return;
+  }
+  if (pending && pending.id !== state.conversation.id) flushSettings();
+  pending = { id: state.conversation.id, fields };
+  clearTimeout(pendingTimer);
+  pendingTimer = setTimeout(flushSettings, SAVE_DELAY_MS);
+}
+
 function installSettings() {
   const panel = $("#settings-panel");
   const form = $("#settings-form");
-  const save = debounce(saveSettings, 400);
   form.addEventListener("input", (event) => {
     const output = event.target.parentElement.querySelector("output");
     if (output) output.textContent = event.target.value;
-    save();
+    settingsChanged();
   });
   form.addEventListener("submit", (event) => event.preventDefault());
-  $("#reset-settings").addEventListener("click", async () => {
+  $("#reset-settings").addEventListener("click", () => {
     current().settings = {};
     fillSettings();
-    form.elements.system_prompt.value = current().system_prompt || "";
-    await saveSettings();
-    fillSettings();
+    settingsChanged();
   });
   $("#open-settings").addEventListener("click", () => {
     fillSettings();
@@ -236,7 +258,7 @@ export function login(firstAccount) {
   const form = $("#login-form");
   $("#first-account").hidden = !firstAccount;
   $("#login-submit").textContent = firstAccount ? t("register") : t("login");
-  dialog.addEventListener("cancel", (event) => event.preventDefault()); // Esc does not skip it
+  dialog.oncancel = (event) => event.preventDefault(); // Esc does not skip it
   dialog.showModal();
   return new Promise((resolve) => {
     form.addEventListener("submit", async (event) => {
@@ -268,7 +290,7 @@ export function askKey(message) {
   const dialog = $("#key-dialog");
   const form = $("#key-form");
   $("#key-error").textContent = localStorage.getItem("tertulia.key") ? message : "";
-  dialog.addEventListener("cancel", (event) => event.preventDefault());
+  dialog.oncancel = (event) => event.preventDefault(); // Esc does not skip it
   dialog.showModal();
   return new Promise((resolve) => {
     form.addEventListener(

@@ -4,6 +4,7 @@
 import { api, MAX_UPLOAD_BYTES } from "./api.js";
 import { t } from "./i18n.js";
 import { state, on } from "./state.js";
+import { patchConversation } from "./chat.js";
 import { icon } from "./icons.js";
 import { el, $, showError, formatBytes, debounce, toast } from "./ui.js";
 
@@ -77,9 +78,7 @@ function startRename(row, conversation) {
     const title = input.value.trim();
     if (save && title && title !== conversation.title) {
       try {
-        const updated = await api("PATCH", `/api/conversations/${conversation.id}`, { title });
-        conversation.title = updated.title;
-        if (state.conversation && state.conversation.id === updated.id) state.conversation.title = updated.title;
+        await patchConversation(conversation.id, { title });
       } catch (error) {
         showError(error);
       }
@@ -146,4 +145,5 @@ export function installSidebar(navigateTo) {
   on("conversation", renderList);
   on("created", loadList);
   on("saved", loadList);
+  on("deleted", loadList);
 }

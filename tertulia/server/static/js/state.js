@@ -35,8 +35,11 @@ export function personaById(id) {
   return state.personas.find((p) => p.id === id) || null;
 }
 
+/** The model a reply will use: the conversation's, else its persona's, else the server's default
+ * (listed first by /api/models). Null when the one named is not served. */
 export function modelFor(fields) {
   const persona = personaById(fields.persona_id);
   const wanted = fields.model || (persona && persona.model);
-  return state.models.find((m) => m.id === wanted) || state.models.find((m) => m.local) || state.models[0] || null;
+  if (wanted) return state.models.find((m) => m.id === wanted) || null;
+  return state.models[0] || null;
 }
