@@ -25,7 +25,7 @@ from tertulia.models.config import ModelConfig
 DECODE_BUCKET = 128
 
 
-def decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + bias) v, as batched matmuls.
 
     Not F.scaled_dot_product_attention: its CPU kernel is not batch-invariant on every CPU (on AVX2
@@ -122,31 +122,47 @@ def _read(pool: torch.Tensor, where: slice | torch.Tensor) -> torch.Tensor:
 
 
 class PrefillAttention:
-    """`length` new tokens of one sequence (block table `table`), at positions start..start+length-1."""
+    """`length` new tokens of one sequence (block table `table`), at positions start..start+length-1.
+
+    Each new token attends to positions 0..its own over the keys 0..start+length-1, as two matmuls
+    (attend) rather than SDPA: a row's numbers then depend only on where the chunk ends, not on
+    where it starts. Chunks end at fixed places (engine.PREFILL_CHUNK), so a prompt prefilled after a
+    prefix-cache hit gets exactly the numbers of a cold run, and a seeded request replays exactly.
+    """
+
+    ROWS_PER_CALL = 128  # bounds the scores tensor: heads x 128 x context floats
+    # Matmuls of 1-3 rows take another CPU kernel, which rounds differently: a short chunk (what a
+    # prefix-cache hit often leaves) is padded to this many rows, and the padding dropped.
+    MIN_ROWS = 4
 
     def __init__(self, cache: KVCache, table: list[int], start: int, length: int) -> None:
-        self.cache, self.end = cache, start + length
+        self.cache, self.start, self.end = cache, start, start + length
         self.written = cache.locate(table, start, self.end)
         self.read = cache.locate(table, 0, self.end)
-        self.mask = None
-        if start:
-            device = cache.device
-            rows = torch.arange(start, self.end, device=device).unsqueeze(1)
-            self.mask = torch.arange(self.end, device=device).unsqueeze(0) <= rows
+        device = cache.device
+        rows = torch.arange(start, self.end, device=device).unsqueeze(1)
+        visible = torch.arange(self.end, device=device).unsqueeze(0) <= rows
+        self.bias = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = self.cache.keys[layer], self.cache.values[layer]
         _write(keys, self.written, k)
         _write(values, self.written, v)
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0),
-            _read(keys, self.read).unsqueeze(0),
-            _read(values, self.read).unsqueeze(0),
-            attn_mask=self.mask,
-            is_causal=self.mask is None,
-            enable_gqa=True,
-        )
-        return out[0].transpose(0, 1).reshape(q.shape[0], -1)
+        length, heads, dim = q.shape
+        kv_heads = keys.shape[0]
+        # [kv_heads, group, length, dim] queries against [kv_heads, 1, end, dim] keys and values.
+        grouped = q.view(length, kv_heads, heads // kv_heads, dim).permute(1, 2, 0, 3).contiguous()
+        cached_keys = _read(keys, self.read).contiguous().unsqueeze(1)
+        cached_values = _read(values, self.read).contiguous().unsqueeze(1)
+        out = torch.empty_like(grouped)
+        for first in range(0, length, self.ROWS_PER_CALL):
+            rows = slice(first, min(length, first + self.ROWS_PER_CALL))
+            queries, bias = grouped[:, :, rows], self.bias[rows]
+            short = self.MIN_ROWS - queries.shape[2]
+            if short > 0:
+                queries, bias = F.pad(queries, (0, 0, 0, short)), F.pad(bias, (0, 0, 0, short))
+            out[:, :, rows] = attend(queries, cached_keys, cached_values, bias)[:, :, : rows.stop - first]
+        return out.permute(2, 0, 1, 3).reshape(length, heads * dim)
 
 
 class _Bucket:
@@ -163,7 +179,7 @@ class _Bucket:
         self.bias = torch.zeros(valid.shape, device=device).masked_fill_(~valid, float("-inf"))
         self.bias = self.bias.view(1, len(rows), 1, span)
         # Always gathered, even a lone sequence whose blocks are consecutive: a view of the pool in
-        # place has other strides, and matmul kernels then round differently (see decode_attend).
+        # place has other strides, and matmul kernels then round differently (see attend).
         parts = []
         for table, length in zip(tables, lengths, strict=True):
             where = cache.locate(table, 0, length)
@@ -210,11 +226,11 @@ class DecodeAttention:
         grouped = q.view(batch, heads // self.cache.group, self.cache.group, dim).transpose(0, 1).contiguous()
         if len(self.buckets) == 1:
             bucket = self.buckets[0]
-            out = decode_attend(grouped, bucket.read(keys), bucket.read(values), bucket.bias)
+            out = attend(grouped, bucket.read(keys), bucket.read(values), bucket.bias)
             return out.transpose(0, 1).reshape(batch, heads * dim)
         out = torch.empty_like(grouped)
         for bucket in self.buckets:
-            out[:, bucket.rows] = decode_attend(
+            out[:, bucket.rows] = attend(
                 grouped[:, bucket.rows], bucket.read(keys), bucket.read(values), bucket.bias
             )
         return out.transpose(0, 1).reshape(batch, heads * dim)
