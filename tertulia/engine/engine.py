@@ -10,9 +10,9 @@ its blocks are freed and it waits at the head of the queue, to be recomputed (pr
 generated) when memory frees up. The alternative, reserving a request's whole maximum length up front,
 would leave most of the budget idle.
 
-A prefix-cache hit or a recomputation after preemption prefills in chunks of other sizes, so the
-logits differ from a cold run in their last bits; the sampler's draw (sampling.draw) gives the same
-token anyway unless two tokens are tied to within that noise.
+A prefix-cache hit or a recomputation after preemption prefills from another start, but chunks end at
+the same places and attention is computed so that a row's numbers do not depend on where its chunk
+starts (kv_cache.PrefillAttention): the logits are a cold run's, bit for bit, on every CPU.
 """
 
 from __future__ import annotations
