@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from tertulia.errors import TertuliaError
@@ -52,13 +53,23 @@ class Store:
 
     # --- users --------------------------------------------------------------------------------
     def local_user(self) -> User:
-        """The single user of a server without --auth (created on first use)."""
-        with self.db.session() as s:
-            user = s.scalar(select(User).where(User.name == LOCAL_USER))
-            if user is None:
-                user = User(name=LOCAL_USER, password_hash=None, is_admin=True)
-                s.add(user)
-            return user
+        """The single user of a server without --auth (created on first use).
+
+        A page's first requests arrive together: when two create the user at once, the one that loses
+        the unique name reads the winner's row.
+        """
+        for attempt in range(2):
+            try:
+                with self.db.session() as s:
+                    user = s.scalar(select(User).where(User.name == LOCAL_USER))
+                    if user is None:
+                        user = User(name=LOCAL_USER, password_hash=None, is_admin=True)
+                        s.add(user)
+                    return user
+            except IntegrityError:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     def create_user(self, name: str, password_hash: str | None, *, is_admin: bool = False) -> User:
         with self.db.session() as s:

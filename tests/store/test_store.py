@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -302,3 +303,10 @@ def test_a_real_upgrade_keeps_the_data_and_backs_up_sqlite(database: Database) -
             assert copy.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
     else:
         assert backup is None  # PostgreSQL: back up with pg_dump, as the README says
+
+
+def test_the_local_user_is_created_once_by_concurrent_first_requests(store: Store) -> None:
+    """A page's first requests arrive together on a fresh database; each finds the same user."""
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(lambda _: store.local_user().id, range(16)))
+    assert len(set(ids)) == 1
