@@ -100,6 +100,26 @@ def test_stop_really_stops_generation_and_keeps_the_partial_reply(page, web) -> 
     assert page.locator(".message.assistant .content").inner_text().strip() == reply["content"].strip()
 
 
+def test_a_reload_mid_reply_keeps_what_was_written(page, web) -> None:
+    open_site(page, web)
+    set_setting(page, "max_tokens", "2000")
+    page.fill("#input", "Write a very long essay about the history of bread, in many parts.")
+    page.press("#input", "Enter")
+    page.wait_for_function(
+        "() => (document.querySelector('.message.writing .content')?.textContent || '').length > 60"
+    )
+    cid = conversation_id(page)
+    page.reload()  # the tab goes away mid-reply, and comes back
+    page.wait_for_selector("body[data-ready='true']")
+    # What was generated was saved as it streamed; the cut reply is closed and marked incomplete.
+    page.wait_for_selector(".message.assistant .badge.incomplete")
+    shown = page.locator(".message.assistant .content").inner_text()
+    assert len(shown) > 60
+    assert web.wait_until_idle(timeout=10)
+    stored = web.conversation(cid)["messages"][1]
+    assert stored["status"] == "incomplete" and stored["content"].strip() == shown.strip()
+
+
 def test_regenerate_edit_and_switch_branches(page, web) -> None:
     open_site(page, web)
     set_setting(page, "max_tokens", "24")
