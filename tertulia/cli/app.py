@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tertulia import __version__
+from tertulia.cli.data import data_app
 from tertulia.config import DEFAULT_MODEL
 
 app = typer.Typer(
@@ -19,6 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.add_typer(data_app, name="data")
 
 ModelOption = Annotated[
     str,

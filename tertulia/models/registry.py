@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tertulia import config as settings
 from tertulia.errors import ModelLoadError
@@ -156,23 +157,51 @@ def _prune_stale_conversions(gguf_path: Path, keep: Path) -> None:
             shutil.rmtree(candidate, ignore_errors=True)
 
 
+@dataclass
+class TextSide:
+    """What counting a model's tokens needs, without its weights: tokenizer, template, context."""
+
+    name: str
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    context: int
+
+    def count_chat(self, messages: list[dict[str, Any]]) -> int:
+        """Tokens of a whole conversation as the model sees it in training (template included)."""
+        return len(self.template.encode(messages, add_generation_prompt=False))
+
+
+def _directory(spec: str | None, progress: gguf.Progress | None) -> tuple[str, Path, Path]:
+    name, path = resolve(spec or settings.DEFAULT_MODEL)
+    return name, path, (converted_dir(path, progress) if path.is_file() else path)
+
+
+def _text_side(name: str, directory: Path, config: ModelConfig) -> TextSide:
+    tokenizer = Tokenizer.from_dir(directory)
+    template = ChatTemplate(hf.read_chat_template(directory), tokenizer)
+    return TextSide(name, tokenizer, template, config.max_position_embeddings)
+
+
+def load_text_side(spec: str | None = None, progress: gguf.Progress | None = None) -> TextSide:
+    name, _, directory = _directory(spec, progress)
+    return _text_side(name, directory, hf.read_config(directory))
+
+
 def load(spec: str | None = None, progress: gguf.Progress | None = None) -> LoadedModel:
     """Load a model for serving (float32 weights; see engine.quant for smaller ones)."""
-    name, path = resolve(spec or settings.DEFAULT_MODEL)
-    directory = converted_dir(path, progress) if path.is_file() else path
+    name, path, directory = _directory(spec, progress)
     config = hf.read_config(directory)
-    tokenizer = Tokenizer.from_dir(directory)
+    text = _text_side(name, directory, config)
     module = LlamaModel.empty(config)
     _load_weights(module, directory)
     module.eval()
-    template = ChatTemplate(hf.read_chat_template(directory), tokenizer)
     return LoadedModel(
         name,
         path,
         config,
         module,
-        tokenizer,
-        template,
+        text.tokenizer,
+        text.template,
         _source_quantization(directory),
         _weights_key(directory),
     )

@@ -46,15 +46,20 @@ def set_setting(page, name: str, value: str) -> None:
     page.wait_for_function(f"() => Number(document.body.dataset.settingsSaved || 0) > {saved}")
 
 
+def start_reply(page, text: str, written: int) -> None:
+    """Send a message and return once the reply being written shows more than `written` characters."""
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+    page.wait_for_function(
+        f"() => (document.querySelector('.message.writing .content')?.textContent || '').length > {written}"
+    )
+
+
 def test_a_message_streams_is_kept_and_survives_a_reload(page, web) -> None:
     open_site(page, web)
     set_setting(page, "max_tokens", "120")
-    page.fill("#input", "Write a short poem about the sea.")
-    page.press("#input", "Enter")
     # The reply grows while it is being written (streamed), with Stop offered meanwhile.
-    page.wait_for_function(
-        "() => (document.querySelector('.message.writing .content')?.textContent || '').length > 0"
-    )
+    start_reply(page, "Write a short poem about the sea.", 0)
     first = page.evaluate("() => document.querySelector('.message.writing .content').textContent.length")
     assert page.locator("#stop").is_visible() and page.locator("#send").is_hidden()
     page.wait_for_function(
@@ -85,11 +90,7 @@ def test_a_message_streams_is_kept_and_survives_a_reload(page, web) -> None:
 def test_stop_really_stops_generation_and_keeps_the_partial_reply(page, web) -> None:
     open_site(page, web)
     set_setting(page, "max_tokens", "2000")
-    page.fill("#input", "Tell me a very long story about a dragon and a knight, with many chapters.")
-    page.press("#input", "Enter")
-    page.wait_for_function(
-        "() => (document.querySelector('.message.writing .content')?.textContent || '').length > 40"
-    )
+    start_reply(page, "Tell me a very long story about a dragon and a knight, with many chapters.", 40)
     page.keyboard.press("Escape")  # Esc stops, like the Stop button
     page.wait_for_selector(".message.assistant .badge.incomplete")
     # Generation stopped on the server: 2000 tokens would take it far longer than this wait.
@@ -103,11 +104,7 @@ def test_stop_really_stops_generation_and_keeps_the_partial_reply(page, web) -> 
 def test_a_reload_mid_reply_keeps_what_was_written(page, web) -> None:
     open_site(page, web)
     set_setting(page, "max_tokens", "2000")
-    page.fill("#input", "Write a very long essay about the history of bread, in many parts.")
-    page.press("#input", "Enter")
-    page.wait_for_function(
-        "() => (document.querySelector('.message.writing .content')?.textContent || '').length > 60"
-    )
+    start_reply(page, "Write a very long essay about the history of bread, in many parts.", 60)
     cid = conversation_id(page)
     page.reload()  # the tab goes away mid-reply, and comes back
     page.wait_for_selector("body[data-ready='true']")

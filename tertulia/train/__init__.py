@@ -1,0 +1,1 @@
+"""Making the assistant yours: training data, fine-tuning, training from scratch."""
