@@ -11,6 +11,7 @@ from rich.table import Table
 
 from tertulia import __version__
 from tertulia.cli.data import data_app
+from tertulia.cli.tokens import tokens
 from tertulia.config import DEFAULT_MODEL
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_app, name="data")
+app.command()(tokens)
 
 ModelOption = Annotated[
     str,
