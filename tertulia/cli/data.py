@@ -98,3 +98,75 @@ def split_command(
     for target, records in zip(targets, (train, held), strict=True):
         write_jsonl(target, records)
     console.print(f"{len(train)} examples → {targets[0]}\n{len(held)} examples → {targets[1]}")
+
+
+@data_app.command("stats")
+def stats_command(
+    file: FileArgument,
+    model: ModelOption = DEFAULT_MODEL,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Passes over the data, for the training-token estimate.")
+    ] = 3,
+    plot: Annotated[Path | None, typer.Option(help="Also draw the token histogram to this PNG.")] = None,
+    prices: Annotated[Path | None, typer.Option(help="An edited copy of the price table (JSON).")] = None,
+) -> None:
+    """Counts per role, the distribution of example lengths, and what training on it takes."""
+    from tertulia.train.costs import PriceTable
+    from tertulia.train.data import Stats
+
+    console = Console(highlight=False)
+    report, text = _report(file, model)
+    if report.errors:
+        console.print(
+            f"[yellow]{len(report.errors)} line(s) with errors are left out (tertulia data validate).[/]"
+        )
+    stats = Stats.of(report)
+    if not stats.examples:
+        raise TertuliaError(f"{file} has no usable example.", f"See why with: tertulia data validate {file}")
+    turns = ", ".join(f"{n} {role}" for role, n in stats.turns.items())
+    console.print(
+        f"{stats.examples} examples: {turns} turns ({stats.trained_turns} assistant turns trained on)"
+    )
+    console.print(
+        f"tokens per example ({text.name}): mean {stats.total_tokens / stats.examples:,.0f}, "
+        f"median {stats.percentile(0.5):,}, p95 {stats.percentile(0.95):,}, max {stats.tokens[-1]:,} "
+        f"(context {text.context:,})"
+    )
+    histogram = Table(box=None, show_header=True)
+    for column in ("tokens", "examples", ""):
+        histogram.add_column(column, justify="right" if column != "" else "left")
+    rows = stats.histogram()
+    widest = max(count for _, _, count in rows)
+    for low, high, count in rows:
+        bar = "█" * round(30 * count / widest) if widest else ""
+        histogram.add_row(f"{low:,}–{high:,}", str(count), f"[cyan]{bar}[/]")
+    console.print(histogram)
+    training_tokens = stats.total_tokens * epochs
+    console.print(f"training tokens: {stats.total_tokens:,} × {epochs} epochs = [bold]{training_tokens:,}[/]")
+    table = PriceTable.load(prices)
+    if table.training:
+        costs = ", ".join(
+            f"{name} ${training_tokens * price / 1e6:,.2f}" for name, price in sorted(table.training.items())
+        )
+        console.print(f"hosted fine-tuning at list prices of {table.date}: {costs}")
+    if plot is not None:
+        _plot_histogram(stats.tokens, plot, f"{file.name}: tokens per example ({text.name})")
+        console.print(f"histogram → {plot}")
+
+
+def _plot_histogram(tokens: list[int], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = plt.subplots(figsize=(7, 3.5), dpi=120)
+    axes.hist(tokens, bins=min(40, max(5, len(set(tokens)))), color="#0f766e")
+    axes.set_xlabel("tokens per example")
+    axes.set_ylabel("examples")
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ FILE_SUFFIXES = (".json", ".jsonl", ".txt", ".md")  # an argument ending so is a
 class PriceTable:
     date: str
     models: dict[str, tuple[float, float]]  # USD per 1M tokens: (input, output)
+    training: dict[str, float] = field(default_factory=dict)  # USD per 1M training tokens
 
     @classmethod
     def load(cls, path: Path | None = None) -> PriceTable:
@@ -32,7 +33,8 @@ class PriceTable:
                 text = path.read_text(encoding="utf-8")
             data = json.loads(text)
             models = {name: (float(i), float(o)) for name, (i, o) in data["models"].items()}
-            return cls(str(data["date"]), models)
+            training = {name: float(price) for name, price in data.get("training", {}).items()}
+            return cls(str(data["date"]), models, training)
         except OSError as exc:
             raise TertuliaError(f"Cannot read the price table {path}: {exc.strerror}.") from None
         except (ValueError, KeyError, TypeError) as exc:

@@ -260,3 +260,46 @@ def split(
     held = min(len(examples) - 1, max(1, round(len(examples) * validation)))
     records = [e.record for e in examples]
     return records[held:], records[:held]
+
+
+@dataclass
+class Stats:
+    """What a file holds, for planning a run: counts per role, and token lengths of the examples."""
+
+    examples: int
+    turns: dict[str, int]
+    trained_turns: int
+    tokens: list[int]
+
+    @classmethod
+    def of(cls, report: Report) -> Stats:
+        turns = {role: 0 for role in ROLES}
+        for example in report.examples:
+            for message in example.messages:
+                turns[message["role"]] += 1
+        return cls(
+            len(report.examples),
+            turns,
+            sum(e.trained_turns for e in report.examples),
+            sorted(e.tokens or 0 for e in report.examples),
+        )
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.tokens)
+
+    def percentile(self, share: float) -> int:
+        if not self.tokens:
+            return 0
+        return self.tokens[min(len(self.tokens) - 1, int(share * len(self.tokens)))]
+
+    def histogram(self, bins: int = 10) -> list[tuple[int, int, int]]:
+        """(low, high, count) over equal-width token-length bins."""
+        if not self.tokens:
+            return []
+        low, high = self.tokens[0], self.tokens[-1]
+        width = max(1, -(-(high - low + 1) // bins))
+        counts = [0] * bins
+        for n in self.tokens:
+            counts[min(bins - 1, (n - low) // width)] += 1
+        return [(low + i * width, low + (i + 1) * width - 1, c) for i, c in enumerate(counts)]

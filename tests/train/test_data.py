@@ -165,3 +165,21 @@ def test_the_cli_reports_line_numbers_and_fails_on_errors(tmp_path: Path, embedd
     assert again.returncode == 1 and "--force" in again.stderr
     missing = run_cli("validate", str(tmp_path / "nope.jsonl"))
     assert missing.returncode == 1 and missing.stderr.startswith("error: Cannot read")
+
+
+def test_stats_count_roles_and_lengths_and_draw_a_histogram(tmp_path: Path, text_side) -> None:
+    from tertulia.train.data import Stats
+
+    lines = [json.dumps(chat("Question " * (i % 7 + 1), "Answer " * (i + 1))) for i in range(20)]
+    path = write(tmp_path, lines)
+    report = validate(path, text_side.count_chat, text_side.context)
+    stats = Stats.of(report)
+    assert stats.examples == 20 and stats.turns == {"system": 20, "user": 20, "assistant": 20}
+    assert stats.tokens == sorted(text_side.count_chat(e.messages) for e in report.examples)
+    assert sum(count for _, _, count in stats.histogram()) == 20
+    assert stats.percentile(0.5) <= stats.percentile(0.95) <= stats.tokens[-1]
+    plot = tmp_path / "lengths.png"
+    result = run_cli("stats", str(path), "--epochs", "2", "--plot", str(plot))
+    assert result.returncode == 0, result.stderr
+    assert "20 examples" in result.stdout and f"{stats.total_tokens * 2:,}" in result.stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
