@@ -170,3 +170,41 @@ def _plot_histogram(tokens: list[int], path: Path, title: str) -> None:
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+@data_app.command("export")
+def export_command(
+    out: Annotated[Path, typer.Argument(help="The JSONL file to write.")],
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="The store (default: TERTULIA_DATABASE_URL, else the local SQLite file)."),
+    ] = None,
+    user: Annotated[str | None, typer.Option(help="Whose conversations, with --auth accounts.")] = None,
+    shown: Annotated[
+        bool, typer.Option("--shown", help="Each conversation's shown branch, not only liked replies.")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite OUT if it exists.")] = False,
+) -> None:
+    """Write fine-tuning examples from the kept conversations: by default, every reply rated thumbs-up."""
+    import os
+
+    from tertulia.store.conversations import Store
+    from tertulia.store.database import open_store
+    from tertulia.train.data import write_jsonl
+    from tertulia.train.export import examples
+
+    if out.exists() and not force:
+        raise TertuliaError(f"{out} already exists.", "Pass --force to overwrite it.")
+    store = Store(open_store(database_url or os.environ.get("TERTULIA_DATABASE_URL")))
+    if user is None:
+        owner = store.local_user()
+    else:
+        found = store.user_by_name(user)
+        if found is None:
+            raise TertuliaError(f"No user named {user!r} in this store.")
+        owner = found
+    written = write_jsonl(out, examples(store, owner.id, shown=shown))
+    what = "conversations' shown branches" if shown else "replies rated thumbs-up"
+    Console(highlight=False).print(f"{written} example(s) from {what} → {out}")
+    if written:
+        Console(highlight=False).print(f"Check them with: tertulia data validate {out}")
