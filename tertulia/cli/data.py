@@ -155,7 +155,12 @@ def stats_command(
 
 
 def _plot_histogram(tokens: list[int], path: Path, title: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise TertuliaError(
+            "--plot needs matplotlib.", "Install it with: pip install 'tertulia[train]'"
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
