@@ -213,3 +213,33 @@ def export_command(
     Console(highlight=False).print(f"{written} example(s) from {what} → {out}")
     if written:
         Console(highlight=False).print(f"Check them with: tertulia data validate {out}")
+
+
+@data_app.command("identity")
+def identity_command(
+    out: Annotated[Path, typer.Argument(help="Folder for the files.")],
+    name: Annotated[str, typer.Option(help="The assistant's name.")] = "Luna",
+    creator: Annotated[str, typer.Option(help="Who made it.")] = "the Tertulia team",
+    seed: Annotated[int, typer.Option(help="Seed of the shuffles.")] = 0,
+    force: Annotated[bool, typer.Option(help="Overwrite existing files.")] = False,
+) -> None:
+    """Make an identity dataset (EN and ES): train, validation, and held-out questions to check a run."""
+    import json
+
+    from tertulia.train.data import write_jsonl
+    from tertulia.train.identity import Identity, make
+
+    files = {part: out / f"identity.{part}" for part in ("train.jsonl", "validation.jsonl", "heldout.json")}
+    existing = [str(p) for p in files.values() if p.exists()]
+    if existing and not force:
+        raise TertuliaError(f"{', '.join(existing)} already exist(s).", "Pass --force to overwrite.")
+    data = make(Identity(name=name, creator=creator), seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(files["train.jsonl"], data.train)
+    write_jsonl(files["validation.jsonl"], data.validation)
+    held = {"name": name, "questions": data.held_out_questions, "chat": data.held_out_chat}
+    files["heldout.json"].write_text(json.dumps(held, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    Console(highlight=False).print(
+        f"{len(data.train)} training and {len(data.validation)} validation examples for {name}; "
+        f"{len(data.held_out_questions)} held-out questions → {out}"
+    )
