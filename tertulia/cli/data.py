@@ -46,19 +46,19 @@ def validate_command(file: FileArgument, model: ModelOption = DEFAULT_MODEL) -> 
     table = Table(title=f"{file}: {len(report.examples)} usable example(s)", title_justify="left")
     for column in ("line", "", "problem", "what"):
         table.add_column(column)
-    shown: dict[str, int] = {}
+    warned: dict[str, int] = {}
     for problem in report.problems:
-        count = shown[problem.kind] = shown.get(problem.kind, 0) + 1
-        if problem.severity == "warning" and count > SHOWN_PER_KIND:
-            continue
+        if problem.severity == "warning":
+            warned[problem.kind] = warned.get(problem.kind, 0) + 1
+            if warned[problem.kind] > SHOWN_PER_KIND:
+                continue
         mark = "[red]error[/]" if problem.severity == "error" else "[yellow]warning[/]"
         table.add_row(str(problem.line or "—"), mark, problem.kind, problem.message)
-    hidden = {k: n - SHOWN_PER_KIND for k, n in shown.items() if n > SHOWN_PER_KIND}
     if report.problems:
         console.print(table)
-    for kind, more in hidden.items():
-        if any(p.kind == kind and p.severity == "warning" for p in report.problems):
-            console.print(f"… and {more} more '{kind}' warning(s).")
+    for kind, count in warned.items():
+        if count > SHOWN_PER_KIND:
+            console.print(f"… and {count - SHOWN_PER_KIND} more '{kind}' warning(s).")
     errors, warnings = len(report.errors), len(report.warnings)
     console.print(
         f"{errors} error(s), {warnings} warning(s); format: {report.format or 'unknown'}; "

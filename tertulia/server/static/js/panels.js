@@ -4,7 +4,7 @@
 import { api } from "./api.js";
 import { t } from "./i18n.js";
 import { patchConversation } from "./chat.js";
-import { state, emit, current, on, modelFor } from "./state.js";
+import { state, emit, current, on, modelFor, personaById } from "./state.js";
 import { el, $, showError, copyText, flash } from "./ui.js";
 
 const NUMBERS = ["temperature", "top_p", "max_tokens", "frequency_penalty", "presence_penalty", "repetition_penalty", "seed"];
@@ -13,7 +13,7 @@ const NUMBERS = ["temperature", "top_p", "max_tokens", "frequency_penalty", "pre
 
 /** What a reply will use: the model's defaults (from the server), then the persona's, then these. */
 function effective(fields) {
-  const persona = state.personas.find((p) => p.id === fields.persona_id);
+  const persona = personaById(fields.persona_id);
   const model = modelFor(fields);
   const defaults = (model && model.default_settings) || {};
   return { ...defaults, ...(persona ? persona.settings : {}), ...(fields.settings || {}) };
