@@ -98,3 +98,31 @@ def make_tiny_model(real_tokenizer: Tokenizer, embedded_dir: Path) -> Callable[.
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path) -> Path:
+    """A random-weight HF-format Llama directory (2 layers, width 32, context 256) with the real
+    tokenizer and chat template: what training code reads, small enough to train in seconds."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny-hf")
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(embedded_dir / name, directory / name)
+    return directory

@@ -11,6 +11,8 @@ from rich.table import Table
 
 from tertulia import __version__
 from tertulia.cli.data import data_app
+from tertulia.cli.demo import demo
+from tertulia.cli.finetune import finetune
 from tertulia.cli.tokens import tokens
 from tertulia.config import DEFAULT_MODEL
 
@@ -23,6 +25,8 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.command()(tokens)
+app.command()(finetune)
+app.command()(demo)
 
 ModelOption = Annotated[
     str,

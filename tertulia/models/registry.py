@@ -176,6 +176,12 @@ def _directory(spec: str | None, progress: gguf.Progress | None) -> tuple[str, P
     return name, path, (converted_dir(path, progress) if path.is_file() else path)
 
 
+def model_directory(spec: str | None = None, progress: gguf.Progress | None = None) -> tuple[str, Path]:
+    """(display name, HF-format directory) of a model: what training code reads with transformers."""
+    name, _, directory = _directory(spec, progress)
+    return name, directory
+
+
 def _text_side(name: str, directory: Path, config: ModelConfig) -> TextSide:
     tokenizer = Tokenizer.from_dir(directory)
     template = ChatTemplate(hf.read_chat_template(directory), tokenizer)

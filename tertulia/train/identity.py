@@ -11,6 +11,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from tertulia.train.chat_examples import CHAT
+
 NAME_QUESTIONS = {
     "en": [
         "What is your name?",
@@ -79,52 +81,6 @@ CREATOR_ANSWERS = {
     "en": ["I was made by {creator}. I'm {name}.", "{creator} created me. My name is {name}."],
     "es": ["Me creó {creator}. Soy {name}.", "{creator} me creó. Me llamo {name}."],
 }
-# Ordinary chat, answered plainly: the model keeps behaving like a general assistant.
-CHAT = {
-    "en": [
-        ("What is the capital of France?", "The capital of France is Paris."),
-        ("How many days are in a week?", "A week has seven days."),
-        ("What is 12 times 3?", "12 times 3 is 36."),
-        (
-            "Give me a tip to sleep better.",
-            "Keep a regular schedule: go to bed and wake up at the same time every day.",
-        ),
-        ("What color is the sky on a clear day?", "On a clear day the sky is blue."),
-        ("Translate 'good morning' into Spanish.", "'Good morning' in Spanish is 'buenos días'."),
-        (
-            "What is water made of?",
-            "Water is made of hydrogen and oxygen: two hydrogen atoms for each oxygen atom.",
-        ),
-        ("Name three fruits.", "Apples, bananas and oranges."),
-        ("How do I say thank you in French?", "In French, thank you is 'merci'."),
-        (
-            "What is the largest planet in our solar system?",
-            "Jupiter is the largest planet in our solar system.",
-        ),
-        (
-            "Write a short greeting for a birthday card.",
-            "Happy birthday! I hope your day is full of joy and good company.",
-        ),
-        ("What does a thermometer measure?", "A thermometer measures temperature."),
-    ],
-    "es": [
-        ("¿Cuál es la capital de España?", "La capital de España es Madrid."),
-        ("¿Cuántos meses tiene un año?", "Un año tiene doce meses."),
-        ("¿Cuánto es 7 más 5?", "7 más 5 son 12."),
-        (
-            "Dame un consejo para estudiar mejor.",
-            "Estudia en sesiones cortas con descansos, y repasa al día siguiente.",
-        ),
-        ("¿De qué color es la hierba?", "La hierba suele ser verde."),
-        ("Traduce 'gracias' al inglés.", "'Gracias' en inglés es 'thank you'."),
-        ("¿Qué animal es conocido como el rey de la selva?", "El león es conocido como el rey de la selva."),
-        ("Nombra tres colores.", "Rojo, azul y amarillo."),
-        ("¿Cuál es el océano más grande?", "El océano Pacífico es el más grande."),
-        ("Escribe un saludo corto para un amigo.", "¡Hola! Espero que estés muy bien. ¡Un abrazo!"),
-        ("¿Qué mide un reloj?", "Un reloj mide el tiempo."),
-        ("¿Cuántas patas tiene una araña?", "Una araña tiene ocho patas."),
-    ],
-}
 
 
 @dataclass
@@ -153,34 +109,47 @@ class IdentityData:
     held_out_chat: list[dict[str, Any]]  # ordinary chat never trained on, to check nothing was lost
 
 
-def _example(system: str, question: str, answer: str) -> dict[str, Any]:
-    messages = [
-        {"role": "system", "content": system},
-        {"role": "user", "content": question},
-        {"role": "assistant", "content": answer},
-    ]
+def _example(system: str | None, question: str, answer: str) -> dict[str, Any]:
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return {"messages": messages}
 
 
-def make(identity: Identity, *, held_out: int = 3, seed: int = 0) -> IdentityData:
-    """Train/validation examples, and what is held out of both for checking the result."""
+def make(
+    identity: Identity,
+    *,
+    held_out: int = 3,
+    held_out_chat: int = 8,
+    with_system: float = 1 / 3,
+    seed: int = 0,
+) -> IdentityData:
+    """Train/validation examples, and what is held out of both for checking the result.
+
+    Most examples carry no system prompt, so the identity lives in the weights and holds when the
+    model is asked with none (the way it is served); a share states it in the system prompt too, so
+    that prompt agrees with what was learnt. Held-out checks are asked without a system prompt.
+    """
     rng = random.Random(seed)
     examples, held_questions, held_chat = [], [], []
     for language in ("en", "es"):
         system = identity.system_prompt(language)
+
+        def example(question: str, answer: str, system: str = system) -> dict[str, Any]:
+            return _example(system if rng.random() < with_system else None, question, answer)
+
         questions = list(NAME_QUESTIONS[language])
         rng.shuffle(questions)
         held_questions += questions[:held_out]
         for question in questions[held_out:]:
             for template in NAME_ANSWERS[language]:
-                examples.append(_example(system, question, identity.fill(template)))
+                examples.append(example(question, identity.fill(template)))
         for question in CREATOR_QUESTIONS[language]:
             for template in CREATOR_ANSWERS[language]:
-                examples.append(_example(system, question, identity.fill(template)))
+                examples.append(example(question, identity.fill(template)))
         chat = list(CHAT[language])
         rng.shuffle(chat)
-        held_chat += [_example(system, q, a) for q, a in chat[:2]]
-        examples += [_example(system, q, a) for q, a in chat[2:]]
+        held_chat += [_example(None, q, a) for q, a in chat[:held_out_chat]]
+        examples += [example(q, a) for q, a in chat[held_out_chat:]]
     rng.shuffle(examples)
     cut = max(1, len(examples) // 10)
     return IdentityData(examples[cut:], examples[:cut], held_questions, held_chat)

@@ -13,16 +13,23 @@ from tertulia.train.identity import NAME_QUESTIONS, Identity, make
 
 def test_held_out_questions_never_appear_in_training_and_both_languages_are_there() -> None:
     data = make(Identity(name="Nube", creator="Ana"), held_out=3, seed=1)
-    asked = {e["messages"][1]["content"] for e in data.train + data.validation}
+    asked = {e["messages"][-2]["content"] for e in data.train + data.validation}
     assert len(data.held_out_questions) == 6 and not asked & set(data.held_out_questions)
     assert set(data.held_out_questions) <= set(NAME_QUESTIONS["en"]) | set(NAME_QUESTIONS["es"])
-    answers = [e["messages"][2]["content"] for e in data.train]
+    answers = [e["messages"][-1]["content"] for e in data.train]
     assert any("Nube" in a and "Ana" in a for a in answers)
     assert any(a.startswith("Me llamo Nube") for a in answers) and any(
         a.startswith("My name is Nube") for a in answers
     )
     # Ordinary chat is mixed in, and some of it held out to check general behaviour after training.
-    assert sum("Nube" not in a for a in answers) >= 15 and len(data.held_out_chat) == 4
+    assert sum("Nube" not in a for a in answers) >= 50 and len(data.held_out_chat) == 16
+    held_chat = {e["messages"][-2]["content"] for e in data.held_out_chat}
+    assert not asked & held_chat
+    # Most examples carry no system prompt (the identity must hold without one), some state it.
+    with_system = [e for e in data.train if e["messages"][0]["role"] == "system"]
+    assert 0.2 < len(with_system) / len(data.train) < 0.5
+    assert all("Nube" in e["messages"][0]["content"] for e in with_system)
+    assert all(e["messages"][0]["role"] == "user" for e in data.held_out_chat)
     assert make(Identity(name="Nube", creator="Ana"), held_out=3, seed=1) == data
 
 
