@@ -72,6 +72,7 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/serve_load.py --rounds 3
 	$(PY) benchmarks/prefix_cache.py
+	$(PY) benchmarks/finetune.py --rounds 3
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check tertulia tests benchmarks docs

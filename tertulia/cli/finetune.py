@@ -33,7 +33,7 @@ def finetune(
     method: Annotated[str, typer.Option(help="lora (small adapters, merged at the end) or full.")] = "lora",
     epochs: Annotated[int, typer.Option(help="Passes over the data (early stopping may end sooner).")] = 3,
     lr: Annotated[
-        float | None, typer.Option(help="Peak learning rate. Default: 1e-3 for lora, 5e-5 full.")
+        float | None, typer.Option(help="Peak learning rate. Default: 2e-3 for lora, 5e-5 full.")
     ] = None,
     validation: Annotated[
         Path | None,

@@ -170,6 +170,11 @@ class Batch:
     tokens: int  # real tokens of the examples (the shared prefix counted in every row, no padding)
     target_count: int
 
+    def to(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The forward arguments (input_ids, targets, prefix) on `device`."""
+        prefix = self.prefix.to(device) if self.prefix is not None else None
+        return self.input_ids.to(device), self.targets.to(device), prefix
+
     @property
     def computed_tokens(self) -> int:
         return self.input_ids.numel() + (len(self.prefix) if self.prefix is not None else 0)

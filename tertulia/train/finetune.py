@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +30,9 @@ from tertulia.train.loop import Distributed, History, Loop, Schedule, StepReport
 from tertulia.train.output import OUTPUT_FILES, RunFacts, write_model
 
 Method = Literal["lora", "full"]
-DEFAULT_LR = {"lora": 1e-3, "full": 5e-5}  # LoRA's small adapters want a much larger step
+# LoRA's small adapters take a much larger step than full training. On the default model and the
+# identity data, 2e-3 learns the name in two epochs (held-out questions 6/6) where 1e-3 needed three.
+DEFAULT_LR = {"lora": 2e-3, "full": 5e-5}
 SHOWN_PROBLEMS = 12
 
 
@@ -190,14 +193,19 @@ def available_memory() -> int | None:
 def _parallel() -> Distributed:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return Distributed()
+        return Distributed(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))  # processes share the cores
-    return Distributed(dist.get_rank(), dist.get_world_size())
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))  # processes share the cores
+    return Distributed(dist.get_rank(), dist.get_world_size(), device)
 
 
 def build_model(directory: Path, settings: Settings) -> torch.nn.Module:
@@ -219,7 +227,10 @@ def build_model(directory: Path, settings: Settings) -> torch.nn.Module:
         target_modules="all-linear",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft asks transformers a deprecated question while wrapping; the user can do nothing about it.
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, config)
 
 
 def finetune(
@@ -235,6 +246,7 @@ def finetune(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> Result:
     """Train and write `out`; raises loop.Interrupted (state saved, `resume=True` continues)."""
+    parallel = _parallel()
     check_output(out, force=force, resume=resume)
     run_file = out / "checkpoint" / "run.json"
     if resume:
@@ -244,8 +256,7 @@ def finetune(
     prepared = prepare(train_file, settings, validation_file)
     if resume and recorded["data_key"] != prepared.data_key:
         raise TertuliaError(f"{train_file} is not the data the interrupted run in {out} started with.")
-    parallel = _parallel()
-    model = build_model(prepared.base_dir, settings)
+    model = build_model(prepared.base_dir, settings).to(parallel.device)
     parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = model.config
@@ -283,6 +294,7 @@ def finetune(
         on_step,
         on_epoch,
     )
+    parallel.barrier()  # every process has checked `out` before the first one writes there
     if parallel.main and not resume:
         if out.exists():
             shutil.rmtree(out)
@@ -313,10 +325,7 @@ def finetune(
         )
         write_model(model, prepared.base_dir, prepared.chat_template, out, facts, history)
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
-    if parallel.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+    parallel.barrier()
     return Result(out, history, loop.stopped_early)
 
 

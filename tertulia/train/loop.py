@@ -51,7 +51,8 @@ class AssistantLoss(nn.Module):
             base.model(input_ids=prefix[None], use_cache=True, **{self._cache_argument(base): cache})
             rows, length = input_ids.shape
             cache.batch_repeat_interleave(rows)
-            positions = torch.arange(len(prefix), len(prefix) + length).expand(rows, length)
+            positions = torch.arange(len(prefix), len(prefix) + length, device=input_ids.device)
+            positions = positions.expand(rows, length)
             hidden = base.model(
                 input_ids=input_ids,
                 use_cache=True,
@@ -110,17 +111,24 @@ class Interrupted(Exception):
 
 @dataclass
 class Distributed:
+    """Which process this is; on GPU machines each process drives its own GPU (NCCL), else gloo."""
+
     rank: int = 0
     world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
     def sum(self, *values: float) -> list[float]:
         if self.world == 1:
             return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
         return tensor.tolist()
 
@@ -145,7 +153,8 @@ class Loop:
         self.parameters = [p for p in self.loss.parameters() if p.requires_grad]
         self.wrapped: nn.Module = self.loss
         if parallel.world > 1:
-            self.wrapped = nn.parallel.DistributedDataParallel(self.loss)
+            gpu = [parallel.device.index] if parallel.device.type == "cuda" else None
+            self.wrapped = nn.parallel.DistributedDataParallel(self.loss, device_ids=gpu)
         decay = [p for p in self.parameters if p.ndim >= 2]
         no_decay = [p for p in self.parameters if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
@@ -239,7 +248,7 @@ class Loop:
             last = i == len(batches) - 1
             sync = contextlib.nullcontext() if last or self.parallel.world == 1 else self.wrapped.no_sync()
             with sync:
-                nll, _ = self.wrapped(batch.input_ids, batch.targets, batch.prefix)
+                nll, _ = self.wrapped(*batch.to(self.parallel.device))
                 (nll * scale).backward()
             total_nll += float(nll.detach())
         torch.nn.utils.clip_grad_norm_(self.parameters, self.schedule.max_grad_norm)
@@ -258,7 +267,7 @@ class Loop:
         nll = correct = count = 0.0
         for shared, indices in batches[self.parallel.rank :: self.parallel.world]:
             batch = collate([self.validation[i] for i in indices], self.pad_id, shared)
-            batch_nll, batch_correct = self.loss(batch.input_ids, batch.targets, batch.prefix)
+            batch_nll, batch_correct = self.loss(*batch.to(self.parallel.device))
             nll, correct, count = (
                 nll + float(batch_nll),
                 correct + float(batch_correct),
@@ -355,7 +364,7 @@ class Loop:
         partial.replace(self.checkpoint)
 
     def restore(self) -> None:
-        state = torch.load(self.checkpoint, weights_only=False)
+        state = torch.load(self.checkpoint, weights_only=False, map_location=self.parallel.device)
         if state.get("version") != CHECKPOINT_VERSION:
             raise ValueError("checkpoint from another version")
         self._load_trainable(state["trainable"])

@@ -182,3 +182,34 @@ def test_ctrl_c_saves_the_run_and_resume_finishes_it(tiny_hf_dir: Path, data: Pa
     assert finished.returncode == 0, finished.stdout + finished.stderr
     assert "tertulia serve --model" in finished.stdout and (out / "model.safetensors").exists()
     assert not (out / "checkpoint").exists()
+
+
+def test_a_shared_prefix_computed_once_gives_the_gradient_of_computing_every_row(tiny_hf_dir: Path) -> None:
+    from tertulia.train.batches import TokenizedExample, collate
+    from tertulia.train.finetune import build_model
+    from tertulia.train.loop import AssistantLoss
+
+    loss = AssistantLoss(build_model(tiny_hf_dir, _settings(tiny_hf_dir)))
+    with torch.no_grad():  # adapters start at zero (B = 0): give them a value so every path has a gradient
+        for name, param in loss.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    generator = torch.Generator().manual_seed(0)
+    system = torch.randint(0, 49152, (12,), generator=generator).tolist()
+    rows = []
+    for length in (7, 10, 4):
+        rest = torch.randint(0, 49152, (length,), generator=generator).tolist()
+        rows.append(TokenizedExample(system + rest, [False] * 14 + [True] * (length - 2)))
+
+    def gradients(shared: int) -> tuple[float, list[torch.Tensor]]:
+        loss.zero_grad()
+        batch = collate(rows, pad_id=0, shared=shared)
+        nll, _ = loss(batch.input_ids, batch.targets, batch.prefix)
+        nll.backward()
+        return float(nll), [p.grad.clone() for p in loss.parameters() if p.requires_grad]
+
+    plain_loss, plain = gradients(0)
+    shared_loss, shared = gradients(12)
+    assert shared_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(plain, shared, strict=True))
+    assert any(bool(g.abs().sum() > 0) for g in shared)
