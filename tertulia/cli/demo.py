@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -30,6 +31,7 @@ def demo(
     from tertulia.train.data import write_jsonl
     from tertulia.train.finetune import Settings, finetune
     from tertulia.train.identity import Identity, make
+    from tertulia.train.loop import Interrupted
 
     console = Console(highlight=False)
     out = out or settings.models_dir() / name.lower()
@@ -44,17 +46,24 @@ def demo(
     )
     console.print(f"2/3 fine-tuning {model} (LoRA) → {out}")
     view = TrainingView(console)
-    with view:
-        result = finetune(
-            data_dir / "identity.train.jsonl",
-            out,
-            Settings(model=model, epochs=epochs),
-            validation_file=data_dir / "identity.validation.jsonl",
-            force=force,
-            on_start=view.start,
-            on_step=view.step,
-            on_epoch=view.epoch,
+    try:
+        with view:
+            result = finetune(
+                data_dir / "identity.train.jsonl",
+                out,
+                Settings(model=model, epochs=epochs),
+                validation_file=data_dir / "identity.validation.jsonl",
+                force=force,
+                on_start=view.start,
+                on_step=view.step,
+                on_epoch=view.epoch,
+            )
+    except Interrupted:
+        console.print(
+            f"[yellow]Stopped.[/] Continue the fine-tune with: tertulia finetune "
+            f"{data_dir / 'identity.train.jsonl'} --out {out} --resume (or start over: tertulia demo --force)"
         )
+        sys.exit(130)
     console.print("3/3 asking both models questions they were never trained on (greedy, no system prompt)")
     held_out = HeldOut(name, data.held_out_questions, data.held_out_chat)
     result_check = check(model, str(result.out), held_out)

@@ -96,8 +96,9 @@ def finetune(
                 on_epoch=view.epoch,
             )
     except Interrupted:
+        again = "the same torchrun command with " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
         console.print(
-            f"[yellow]Stopped.[/] The run is saved in {out}; continue it with:\n"
+            f"[yellow]Stopped.[/] The run is saved in {out}; continue it with {again}--resume:\n"
             f"  tertulia finetune {file} --out {out} --resume"
         )
         sys.exit(130)

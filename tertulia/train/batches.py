@@ -158,7 +158,7 @@ def for_rank(batches: list[T], rank: int, world: int) -> list[T]:
     if world == 1:
         return batches
     per_rank = -(-len(batches) // world)
-    padded = batches + batches[: per_rank * world - len(batches)]
+    padded = [batches[i % len(batches)] for i in range(per_rank * world)]  # fewer batches than processes too
     return padded[rank::world]
 
 

@@ -60,10 +60,14 @@ class Settings:
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
 
     def check(self) -> None:
+        if self.method not in DEFAULT_LR:
+            raise TertuliaError(f"--method must be lora or full, not {self.method!r}.")
         problems = [
-            (self.method in DEFAULT_LR, f"--method must be lora or full, not {self.method!r}"),
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.learning_rate > 0, "--lr must be positive"),
+            (self.max_grad_norm > 0, "--max-grad-norm must be positive"),
+            (0 <= self.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
+            (self.weight_decay >= 0, "--weight-decay must be at least 0"),
             (self.batch_tokens >= 16, "--batch-tokens must be at least 16"),
             (self.grad_accum >= 1, "--grad-accum must be at least 1"),
             (0 <= self.warmup < 1, "--warmup is a share of the steps, in [0, 1)"),
@@ -105,6 +109,12 @@ def check_output(out: Path, *, force: bool, resume: bool) -> None:
         return
     if not out.is_dir():
         raise TertuliaError(f"{out} exists and is not a directory.")
+    ours = (out / "metrics.json").exists() or (out / "checkpoint" / "run.json").exists()
+    if not ours:
+        raise TertuliaError(
+            f"{out} already exists and is not the output of a fine-tune: not replacing it.",
+            "Choose another --out.",
+        )
     if not force:
         hint = "Pass --force to replace it"
         if (out / "checkpoint" / "state.pt").exists():
@@ -170,13 +180,14 @@ def _raise_on_errors(path: Path, report: Any) -> None:
 
 
 def memory_needed(
-    parameters: int, trainable: int, settings: Settings, vocab: int, layers: int, hidden: int
+    parameters: int, trainable: int, batch_tokens: int, vocab: int, layers: int, hidden: int
 ) -> int:
-    """Bytes a run holds at its peak: weights, gradients and AdamW's two moments of what is trained,
-    the activations kept for the backward pass of one micro-batch, and the trained positions' logits."""
-    weights = 4 * parameters + 12 * trainable
-    activations = settings.batch_tokens * layers * hidden * 4 * 24
-    logits = settings.batch_tokens * vocab * 4 * 3
+    """Bytes a run holds at its peak: the weights; for what is trained, gradients, AdamW's two moments
+    and two copies (the best epoch's, and the one being saved); the activations kept for the backward
+    pass of one micro-batch, and the trained positions' logits."""
+    weights = 4 * parameters + 20 * trainable
+    activations = batch_tokens * layers * hidden * 4 * 24
+    logits = batch_tokens * vocab * 4 * 3
     return weights + activations + logits + 512 * 2**20  # interpreter, libraries, allocator slack
 
 
@@ -250,27 +261,45 @@ def finetune(
     check_output(out, force=force, resume=resume)
     run_file = out / "checkpoint" / "run.json"
     if resume:
-        recorded = json.loads(run_file.read_text())
-        settings = Settings(**recorded["settings"])
-        validation_file = Path(recorded["validation_file"]) if recorded["validation_file"] else None
+        try:
+            recorded = json.loads(run_file.read_text())
+            settings = Settings(**recorded["settings"])
+            validation_file = Path(recorded["validation_file"]) if recorded["validation_file"] else None
+        except (OSError, ValueError, TypeError, KeyError):
+            raise TertuliaError(
+                f"{run_file} is missing or unreadable: the interrupted run cannot be resumed.",
+                "Start it again with --force.",
+            ) from None
     prepared = prepare(train_file, settings, validation_file)
     if resume and recorded["data_key"] != prepared.data_key:
         raise TertuliaError(f"{train_file} is not the data the interrupted run in {out} started with.")
+    if resume and recorded.get("processes", 1) != parallel.world:
+        raise TertuliaError(
+            f"The interrupted run used {recorded.get('processes', 1)} process(es), not {parallel.world}.",
+            "Resume it with the same torchrun --nproc_per_node (or without torchrun for one).",
+        )
+    free = available_memory()  # before this process loads anything
     model = build_model(prepared.base_dir, settings).to(parallel.device)
+    longest = max(len(e) for e in prepared.train + prepared.validation)
     parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = model.config
     needed = memory_needed(
-        parameters, trainable, settings, config.vocab_size, config.num_hidden_layers, config.hidden_size
+        parameters,
+        trainable,
+        max(settings.batch_tokens, longest),
+        config.vocab_size,
+        config.num_hidden_layers,
+        config.hidden_size,
     )
-    free = available_memory()
-    if free is not None and needed * parallel.world > free:
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", parallel.world))  # processes sharing this machine's RAM
+    too_big = parallel.device.type == "cpu" and free is not None and needed * local > free
+    if parallel.sum(float(too_big))[0]:  # every process stops, or the others would wait for it forever
         raise TertuliaError(
-            f"This run needs about {needed * parallel.world / 2**30:.1f} GiB "
-            f"and {free / 2**30:.1f} GiB is free.",
+            f"This run needs about {needed * local / 2**30:.1f} GiB of memory"
+            + (f" and {free / 2**30:.1f} GiB is free." if free is not None else "."),
             "Lower --batch-tokens (and raise --grad-accum to keep the step size), or use --method lora.",
         )
-    longest = max(len(e) for e in prepared.train + prepared.validation)
     schedule = Schedule(
         epochs=settings.epochs,
         lr=settings.learning_rate,
@@ -303,6 +332,7 @@ def finetune(
             "settings": asdict(settings),
             "data_key": prepared.data_key,
             "validation_file": str(validation_file) if validation_file else None,
+            "processes": parallel.world,
         }
         run_file.write_text(json.dumps(record, indent=2))
     if resume:

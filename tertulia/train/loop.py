@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tertulia.errors import TertuliaError
 from tertulia.train.batches import IGNORE, Batch, BatchPlan, TokenizedExample, collate, for_rank, plan
 
 CHECKPOINT_VERSION = 1
@@ -233,6 +234,8 @@ class Loop:
                 )
             if self._stop_agreed():
                 self.save()
+                # No process leaves before the save is done: torchrun would kill the others mid-write.
+                self.parallel.barrier()
                 raise Interrupted
             if time.monotonic() - last_save > self.schedule.save_every:
                 self.save()
@@ -357,6 +360,7 @@ class Loop:
             "best_state": self.best_state,
             "bad_epochs": self.bad_epochs,
             "stopped_early": self.stopped_early,
+            "rng": torch.get_rng_state(),  # LoRA dropout's draws continue where they were
         }
         self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         partial = self.checkpoint.with_name(self.checkpoint.name + ".partial")
@@ -364,9 +368,17 @@ class Loop:
         partial.replace(self.checkpoint)
 
     def restore(self) -> None:
-        state = torch.load(self.checkpoint, weights_only=False, map_location=self.parallel.device)
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError("checkpoint from another version")
+        unreadable = TertuliaError(
+            f"The checkpoint {self.checkpoint} is unreadable or from another version of Tertulia.",
+            "Start the run again without --resume (and with --force).",
+        )
+        try:
+            # Our own file, written by save(): it holds the History dataclass, hence not weights_only.
+            state = torch.load(self.checkpoint, weights_only=False, map_location=self.parallel.device)
+        except Exception:
+            raise unreadable from None
+        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+            raise unreadable
         self._load_trainable(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -374,6 +386,7 @@ class Loop:
         self.global_step, self.history = state["global_step"], state["history"]
         self.best_loss, self.best_state = state["best_loss"], state["best_state"]
         self.bad_epochs, self.stopped_early = state["bad_epochs"], state["stopped_early"]
+        torch.set_rng_state(state["rng"].cpu())
 
 
 def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:

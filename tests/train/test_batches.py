@@ -82,6 +82,8 @@ def test_each_process_gets_the_same_number_of_batches_and_all_of_them_are_used()
     assert [len(s) for s in shares] == [3, 3, 3]
     assert {b[0] for s in shares for b in s} == set(range(7))
     assert for_rank(batches, 0, 1) == batches
+    # Fewer batches than processes: every process still gets one (a repeat), so none waits forever.
+    assert [for_rank([[0]], rank, 4) for rank in range(4)] == [[[0]]] * 4
 
 
 def test_collate_right_pads_and_shifts_the_targets() -> None:

@@ -4,6 +4,7 @@ training, and interruption (a requested stop, a real Ctrl-C) followed by --resum
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,6 +131,12 @@ def test_an_existing_output_is_replaced_only_with_force_and_never_with_foreign_f
     with pytest.raises(TertuliaError, match="notes.txt"):
         finetune(data, out, _settings(tiny_hf_dir, epochs=1), force=True)
     assert (out / "notes.txt").read_text() == "mine"
+    # A model directory that no fine-tune wrote (here: the base model itself) is never replaced.
+    with pytest.raises(TertuliaError, match="not the output of a fine-tune"):
+        finetune(data, tiny_hf_dir, _settings(tiny_hf_dir, epochs=1), force=True)
+    assert (tiny_hf_dir / "model.safetensors").exists()
+    with pytest.raises(TertuliaError, match="--method must be lora or full"):
+        finetune(data, tmp_path / "other", _settings(tiny_hf_dir, method="qlora"))
     with pytest.raises(TertuliaError, match="no interrupted run"):
         finetune(data, tmp_path / "never", _settings(tiny_hf_dir), resume=True)
 
@@ -149,6 +156,14 @@ def test_an_interrupted_run_resumes_to_exactly_the_weights_of_an_uninterrupted_o
     assert (out / "checkpoint" / "state.pt").exists() and not (out / "model.safetensors").exists()
     with pytest.raises(TertuliaError, match="--resume to continue"):
         finetune(data, out, settings)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(out, corrupt)
+    (corrupt / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(TertuliaError, match="unreadable"):
+        finetune(data, corrupt, Settings(), resume=True)
+    (corrupt / "checkpoint" / "run.json").write_text("{")
+    with pytest.raises(TertuliaError, match="cannot be resumed"):
+        finetune(data, corrupt, Settings(), resume=True)
     steps: list[int] = []
     finetune(data, out, Settings(), resume=True, on_step=lambda report: steps.append(report.step))
     assert steps[0] == 6  # the run went on from where it stopped, with its own settings
