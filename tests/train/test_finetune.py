@@ -221,7 +221,7 @@ def test_a_shared_prefix_computed_once_gives_the_gradient_of_computing_every_row
         batch = collate(rows, pad_id=0, shared=shared)
         nll, _ = loss(batch.input_ids, batch.targets, batch.prefix)
         nll.backward()
-        return float(nll), [p.grad.clone() for p in loss.parameters() if p.requires_grad]
+        return float(nll.detach()), [p.grad.clone() for p in loss.parameters() if p.requires_grad]
 
     plain_loss, plain = gradients(0)
     shared_loss, shared = gradients(12)
