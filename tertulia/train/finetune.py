@@ -271,7 +271,9 @@ def finetune(
                 "Start it again with --force.",
             ) from None
     prepared = prepare(train_file, settings, validation_file)
-    if resume and recorded["data_key"] != prepared.data_key:
+    if out.resolve() == prepared.base_dir.resolve():
+        raise TertuliaError(f"--out {out} is the model being fine-tuned.", "Write the result elsewhere.")
+    if resume and recorded.get("data_key") != prepared.data_key:
         raise TertuliaError(f"{train_file} is not the data the interrupted run in {out} started with.")
     if resume and recorded.get("processes", 1) != parallel.world:
         raise TertuliaError(

@@ -135,6 +135,11 @@ def test_an_existing_output_is_replaced_only_with_force_and_never_with_foreign_f
     with pytest.raises(TertuliaError, match="not the output of a fine-tune"):
         finetune(data, tiny_hf_dir, _settings(tiny_hf_dir, epochs=1), force=True)
     assert (tiny_hf_dir / "model.safetensors").exists()
+    # Nor is the model being trained, even when an earlier fine-tune wrote it.
+    (out / "notes.txt").unlink()
+    with pytest.raises(TertuliaError, match="is the model being fine-tuned"):
+        finetune(data, out, _settings(tiny_hf_dir, model=str(out), epochs=1), force=True)
+    assert (out / "model.safetensors").exists()
     with pytest.raises(TertuliaError, match="--method must be lora or full"):
         finetune(data, tmp_path / "other", _settings(tiny_hf_dir, method="qlora"))
     with pytest.raises(TertuliaError, match="no interrupted run"):
