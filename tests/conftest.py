@@ -109,18 +109,8 @@ def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path) ->
     from transformers import LlamaConfig, LlamaForCausalLM
 
     directory = tmp_path_factory.mktemp("tiny-hf")
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    small = tiny_config(hidden_size=32, intermediate_size=64, bos_token_id=1)
+    config = LlamaConfig(**small.to_hf_dict())
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(directory)
     for name in ("tokenizer.json", "tokenizer_config.json"):

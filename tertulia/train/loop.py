@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import random
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -184,9 +185,7 @@ class Loop:
         self.stopped_early = False
         self._stop_requested = False
 
-    def _rng(self, epoch: int) -> Any:
-        import random
-
+    def _rng(self, epoch: int) -> random.Random:
         return random.Random(self.schedule.seed * 1_000_003 + epoch)
 
     def _steps(self, batches: list[BatchPlan]) -> list[list[BatchPlan]]:

@@ -6,13 +6,12 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
 import pytest
 
-from tests.server.conftest import free_port
+from tests.server.conftest import free_port, wait_until_serving
 
 pytestmark = pytest.mark.slow
 
@@ -43,14 +42,7 @@ def test_serve_answers_with_a_key_and_stops_on_sigterm(embedded_dir, tmp_path) -
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        wait_until_serving(process, url)
         # The store was opened and migrated on start.
         with sqlite3.connect(database) as connection:
             assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -40,6 +41,18 @@ class LiveServer:
                 return True
             time.sleep(0.05)
         return False
+
+
+def wait_until_serving(process: subprocess.Popen[str], url: str, timeout: float = 120.0) -> None:
+    """Until a `tertulia serve` process answers /health; fails with its stderr if it exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    assert process.poll() is None, process.stderr.read() if process.stderr else ""
 
 
 def free_port() -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -49,7 +48,7 @@ def test_tertulia_serve_loads_the_result_for_the_api_and_the_web_picker(
 ) -> None:
     from openai import OpenAI
 
-    from tests.server.conftest import free_port
+    from tests.server.conftest import free_port, wait_until_serving
 
     out, _ = tuned
     port = free_port()
@@ -58,14 +57,7 @@ def test_tertulia_serve_loads_the_result_for_the_api_and_the_web_picker(
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        assert server.poll() is None, server.stderr.read() if server.stderr else ""
+        wait_until_serving(server, url)
         picker = httpx.get(f"{url}/api/models").json()
         assert [(m["id"], m["local"]) for m in picker] == [(out.name, True)]
         client = OpenAI(base_url=f"{url}/v1", api_key="unused")
