@@ -13,25 +13,60 @@ float32 head on held-out chats: int8 agrees on the top token 98.4% of the time (
 only 89.7% (KL 0.041), too lossy; float16 is exact (KL 1e-5) and 12% faster for 16 streams, but reads
 56 MB from memory per token, which made one stream 17% slower. The quality cost of each mode is
 measured in BENCHMARKS.md by held-out perplexity.
+
+The int4 weights are cached on disk after the first packing. PyTorch packs them in a layout that
+depends on its version and on the CPU kernel set in use (`torch.backends.cpu.get_cpu_capability()`:
+DEFAULT, AVX2, AVX512...), and a kernel reading another set's layout computes noise without any
+error. So the cache file is named after all three, and it carries a fingerprint: the top logits of
+a fixed prompt, computed when it was packed. A load recomputes them and refuses a file that does not
+match (a wrong layout moves them by ~40, another CPU running the right layout by 0.25 at most), then
+packs again. Keying the file was chosen over storing a portable form and packing at every load:
+reading the packed file takes a few milliseconds and packing ~0.1-0.4 s for the default model, paid
+on every start (figures in BENCHMARKS.md, "Quantized-weight cache").
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from tertulia.engine.kv_cache import PrefillAttention, one_sequence
 from tertulia.errors import TertuliaError
+
+log = logging.getLogger(__name__)
 
 MODES = ("none", "int8", "int4")
 GROUP_SIZE = 32
 # Part of the on-disk cache name of quantized weights: bump when quantization output changes.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: named after torch's version and CPU kernel set, with a logit fingerprint
+# The fingerprint: the top logits after a fixed sequence of this many tokens. Recomputed on load, they
+# may move by FINGERPRINT_TOLERANCE standard deviations of the logits: for the default model (std 3.3)
+# another kernel set rounding bf16 differently moves them by 0.25 at most, a foreign layout by ~40.
+FINGERPRINT_TOKENS = 8
+FINGERPRINT_TOP = 16
+FINGERPRINT_TOLERANCE = 0.5
+
+
+def four_bit_values(
+    weight: torch.Tensor, group_size: int = GROUP_SIZE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit groups along the input: values 0..15 (int32, weight's shape), and each group's
+    scale and minimum ([rows, groups, 1]); the weight is ~ q * scale + minimum."""
+    weight = weight.detach().float()
+    out_features, in_features = weight.shape
+    groups = weight.reshape(out_features, in_features // group_size, group_size)
+    low = groups.amin(dim=-1, keepdim=True)
+    high = groups.amax(dim=-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-10)
+    q = ((groups - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
+    return q, scale, low
 
 
 class Int4Linear(nn.Module):
@@ -54,13 +89,8 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def quantize(cls, linear: nn.Linear, group_size: int = GROUP_SIZE) -> Int4Linear:
-        weight = linear.weight.detach().float()
-        out_features, in_features = weight.shape
-        groups = weight.reshape(out_features, in_features // group_size, group_size)
-        low = groups.amin(dim=-1, keepdim=True)
-        high = groups.amax(dim=-1, keepdim=True)
-        scale = ((high - low) / 15).clamp(min=1e-10)
-        q = ((groups - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
+        q, scale, low = four_bit_values(linear.weight, group_size)
+        out_features = q.shape[0]
         # The kernel computes (q - 8) * scale + zero, so zero is the group's value at q = 8.
         zero = low + 8 * scale
         scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
@@ -112,14 +142,19 @@ class Int8Linear(nn.Module):
 _INT4_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
-def _int4_from_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Install int4 layers from saved tensors (the names `module.state_dict()` gives them)."""
+def _int4_from_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> list[tuple]:
+    """Install int4 layers from saved tensors (the names `module.state_dict()` gives them).
+
+    Returns what was replaced, for `_restore` if the result turns out not to match.
+    """
+    replaced: list[tuple] = [(module, "lm_head", module.lm_head)]
     for i, layer in enumerate(module.layers):
         if f"layers.{i}.qkv_proj.packed" not in tensors:
             continue  # this layer stayed float32 (see _quantize_int4)
         for name in _INT4_TARGETS:
             prefix = f"layers.{i}.{name}."
             linear = getattr(layer, name)
+            replaced.append((layer, name, linear))
             setattr(
                 layer,
                 name,
@@ -132,6 +167,14 @@ def _int4_from_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> N
             )
         layer.matmul_dtype = torch.bfloat16
     module.lm_head = Int8Linear(tensors["lm_head.weight_int8"], tensors["lm_head.scale"])
+    return replaced
+
+
+def _restore(replaced: list[tuple]) -> None:
+    for owner, name, original in replaced:
+        setattr(owner, name, original)
+        if hasattr(owner, "matmul_dtype"):
+            owner.matmul_dtype = torch.float32
 
 
 def _int4_compatible(linear: nn.Linear) -> bool:
@@ -161,6 +204,117 @@ def _quantized_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in tensors.items()}
 
 
+def kernel_set() -> str:
+    """The CPU kernels torch dispatches to here (honours ATEN_CPU_CAPABILITY)."""
+    return torch.backends.cpu.get_cpu_capability().lower()
+
+
+def _layout() -> dict[str, str]:
+    """Everything the packed int4 layout depends on."""
+    return {"format": str(FORMAT_VERSION), "torch": torch.__version__, "kernels": kernel_set()}
+
+
+def _layout_tag() -> str:
+    """The part of a cache file's name that says which layout it holds, but for the kernel set."""
+    layout = _layout()
+    return f"-int4-v{layout['format']}-torch{layout['torch'].replace('+', '_')}-"
+
+
+def cache_file(directory: Path, weights_key: str) -> Path:
+    """Where the int4 weights of `weights_key` packed for this torch and CPU kernel set are cached."""
+    return directory / f"{weights_key}{_layout_tag()}{kernel_set()}.safetensors"
+
+
+def _fingerprint_logits(module: nn.Module) -> torch.Tensor:
+    """Logits [vocab] after a fixed token sequence (spread over the vocabulary, not a real text)."""
+    config = module.config
+    vocab = config.vocab_size
+    ids = torch.tensor([(i * 7919 + 13) % vocab for i in range(FINGERPRINT_TOKENS)])
+    cache, table = one_sequence(config, FINGERPRINT_TOKENS)
+    hidden = module(
+        ids, torch.arange(FINGERPRINT_TOKENS), PrefillAttention(cache, table, 0, FINGERPRINT_TOKENS)
+    )
+    return module.compute_logits(hidden[-1:])[0].float()
+
+
+def _fingerprint(module: nn.Module) -> dict[str, torch.Tensor]:
+    logits = _fingerprint_logits(module)
+    top = logits.topk(min(FINGERPRINT_TOP, logits.numel()))
+    return {
+        "fingerprint.indices": top.indices.contiguous(),
+        "fingerprint.logits": top.values.contiguous(),
+        "fingerprint.std": logits.std().reshape(1),
+    }
+
+
+def _fingerprint_mismatch(module: nn.Module, tensors: dict[str, torch.Tensor]) -> float:
+    """How far this module's logits are from those recorded at packing time: the largest difference,
+    in standard deviations of the recorded logits."""
+    logits = _fingerprint_logits(module)
+    recorded = tensors["fingerprint.logits"]
+    scale = float(tensors["fingerprint.std"].clamp(min=1e-6))
+    return float((logits[tensors["fingerprint.indices"]] - recorded).abs().max()) / scale
+
+
+def read_cache(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A cache file's metadata and tensors, each in memory of its own."""
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata() or {}
+        # Clone: tensors read from safetensors may sit at any byte offset, and the packed
+        # int8/int4 kernels use aligned vector loads (they crash on unaligned weights).
+        tensors = {key: handle.get_tensor(key).clone() for key in handle.keys()}  # noqa: SIM118
+    return metadata, tensors
+
+
+def _load_int4(module: nn.Module, path: Path) -> str | None:
+    """Install the cached int4 weights; None if they were used, else why they were refused."""
+    try:
+        metadata, tensors = read_cache(path)
+    except (SafetensorError, OSError) as exc:
+        return f"unreadable: {exc}"
+    layout = _layout()
+    foreign = {k: metadata.get(k) for k in layout if metadata.get(k) != layout[k]}
+    if foreign:
+        return "packed for " + ", ".join(f"{k} {v or '?'}" for k, v in foreign.items())
+    try:
+        replaced = _int4_from_tensors(module, tensors)
+    except (KeyError, RuntimeError) as exc:
+        return f"incomplete: {exc}"
+    try:
+        distance = _fingerprint_mismatch(module, tensors)
+    except (KeyError, RuntimeError, IndexError) as exc:
+        distance, reason = float("inf"), f"no usable fingerprint: {exc}"
+    else:
+        reason = f"its test logits moved by {distance:.1f} standard deviations"
+    if distance <= FINGERPRINT_TOLERANCE:
+        return None
+    _restore(replaced)
+    return reason
+
+
+def _save_int4(module: nn.Module, path: Path) -> None:
+    """Write the packed weights and their fingerprint atomically (a killed write leaves no file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    save_file({**_quantized_tensors(module), **_fingerprint(module)}, str(partial), metadata=_layout())
+    partial.replace(path)
+    _prune_other_versions(path)
+
+
+def _prune_other_versions(kept: Path) -> None:
+    """Remove this model's caches from older formats or torch versions (they are never read again).
+
+    Caches for other CPU kernel sets stay: a shared TERTULIA_HOME may serve several machines.
+    """
+    tag = _layout_tag()
+    if tag not in kept.name:
+        return  # not named by cache_file: nothing to tell its versions apart by
+    weights_key = kept.name[: kept.name.rindex(tag)]
+    for candidate in kept.parent.glob(f"{weights_key}-int4-*.safetensors"):
+        if not candidate.name.startswith(weights_key + tag):
+            candidate.unlink(missing_ok=True)
+
+
 def check_mode(mode: str, *, allow_auto: bool = False) -> None:
     """Refuse unknown modes with a one-line error ('auto' is resolved by the registry)."""
     allowed = ("auto", *MODES) if allow_auto else MODES
@@ -168,11 +322,11 @@ def check_mode(mode: str, *, allow_auto: bool = False) -> None:
         raise TertuliaError(f"Unknown quantization '{mode}'; choose one of {', '.join(allowed)}.")
 
 
-def apply(module: nn.Module, mode: str, cache_file: Path | None = None) -> str:
+def apply(module: nn.Module, mode: str, cache_path: Path | None = None) -> str:
     """Quantize `module` in place for serving; return the mode applied.
 
-    With `cache_file`, int4 weights are saved after the first quantization and read back on later
-    loads: packing takes about half a second for the default model, reading it a few milliseconds.
+    With `cache_path` (see `cache_file`), int4 weights are saved after the first quantization and
+    read back on later loads, once their fingerprint shows they compute what they computed when packed.
     """
     check_mode(mode)
     current = getattr(module, "quantization", "none")
@@ -183,21 +337,15 @@ def apply(module: nn.Module, mode: str, cache_file: Path | None = None) -> str:
         return current
     module.quantization = mode
     if mode == "int4":
-        if cache_file is not None and cache_file.exists():
-            try:
-                # Clone: tensors read from safetensors may sit at any byte offset, and the packed
-                # int8/int4 kernels use aligned vector loads (they crash on unaligned weights).
-                tensors = {k: v.clone() for k, v in load_file(str(cache_file)).items()}
-                _int4_from_tensors(module, tensors)
+        if cache_path is not None and cache_path.exists():
+            refused = _load_int4(module, cache_path)
+            if refused is None:
                 return mode
-            except (SafetensorError, OSError, KeyError):
-                cache_file.unlink(missing_ok=True)  # unreadable: rebuild it below
+            log.warning("Packing the int4 weights again: %s does not match (%s).", cache_path.name, refused)
+            cache_path.unlink(missing_ok=True)
         _quantize_int4(module)
-        if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            partial = cache_file.with_suffix(f".{os.getpid()}.partial")
-            save_file(_quantized_tensors(module), str(partial))
-            partial.replace(cache_file)
+        if cache_path is not None:
+            _save_int4(module, cache_path)
         return mode
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
