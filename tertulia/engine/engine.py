@@ -317,7 +317,9 @@ class Engine:
         params = [s.params for s in sequences]
         want_logprobs = [p.logprobs is not None for p in params]
         raw = logits.clone() if any(want_logprobs) else None
-        allowed = [s.constraint.mask() if s.constraint else None for s in sequences]
+        allowed = [
+            s.constraint.mask(s.tokens_left(self.context)) if s.constraint else None for s in sequences
+        ]
         tokens = sample(
             logits,
             params,

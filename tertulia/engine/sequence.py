@@ -74,6 +74,10 @@ class Sequence:
         """Tokens to prefill: the prompt, or for a preempted sequence all but its last sampled token."""
         return self.prompt + self.output[:-1] if self.output else self.prompt
 
+    def tokens_left(self, context: int) -> int:
+        """How many tokens this sequence may still generate, the next one included."""
+        return min(self.max_tokens - len(self.output), context - self.length)
+
     def append(self, token: int, stop_ids: set[int], context: int) -> str:
         """Record a sampled token; decide whether the sequence ends; return the text to emit."""
         self.output.append(token)
@@ -88,7 +92,7 @@ class Sequence:
         if self.constraint is not None:
             self.constraint.accept(token)
             if self.constraint.complete:  # the JSON object is closed: nothing may follow it
-                return piece + self._finish("stop")
+                return piece + self._finish("length" if self.constraint.cut_short else "stop")
         if len(self.output) >= self.max_tokens or self.length >= context:
             return piece + self._finish("length")
         return piece

@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from tests.answers import PARIS_QUESTIONS, assert_mostly
 from tests.server.conftest import free_port, wait_until_serving
 
 pytestmark = pytest.mark.slow
@@ -52,12 +53,13 @@ def test_serve_answers_with_a_key_and_stops_on_sigterm(embedded_dir, tmp_path) -
         assert page.status_code == 200 and '<script type="module" src="/static/js/app.js">' in page.text
         assert httpx.get(f"{url}/static/js/markdown.js").status_code == 200
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k2", max_retries=0)
-        reply = client.chat.completions.create(
-            model="smollm2-135m",
-            messages=[{"role": "user", "content": "What is the capital of France?"}],
-            temperature=0,
-        )
-        assert "Paris" in reply.choices[0].message.content
+        replies = [
+            client.chat.completions.create(
+                model="smollm2-135m", messages=[{"role": "user", "content": q}], temperature=0
+            )
+            for q in PARIS_QUESTIONS
+        ]
+        assert_mostly([r.choices[0].message.content for r in replies], "Paris")
         # 64 MiB of KV memory holds 91 blocks of 16 positions at 45 KiB each: that bounds the context.
         with pytest.raises(openai.BadRequestError, match="context is 1456 tokens"):
             client.completions.create(model="smollm2-135m", prompt=[17] * 1400, max_tokens=100)

@@ -11,6 +11,11 @@ import torch
 
 from tertulia.engine.engine import Engine
 from tertulia.engine.json_mode import (
+    INVALID as NO_WAY,
+)
+from tertulia.engine.json_mode import (
+    LOOP_SPAN,
+    MAX_DEPTH,
     MAX_NEWLINES,
     MAX_WHITESPACE,
     START,
@@ -18,6 +23,8 @@ from tertulia.engine.json_mode import (
     JsonGrammar,
     State,
     advance,
+    closing,
+    closing_length,
     step,
 )
 from tertulia.engine.sampling import SamplingParams
@@ -169,6 +176,35 @@ def test_random_json_dumps_are_accepted() -> None:
         assert_accepted(doc)
 
 
+def as_text(data: bytes) -> str:
+    """What the detokenizer shows for these bytes (a malformed character becomes U+FFFD)."""
+    return data.decode("utf-8", errors="replace")
+
+
+def test_every_prefix_closes_by_the_shortest_way() -> None:
+    """From any point of any object, `closing` completes it, and each of its bytes shortens it by one."""
+    rng = random.Random(7)
+    docs = [*VALID] + [
+        json.dumps(random_object(rng), ensure_ascii=False, indent=rng.choice([None, 1])) for _ in range(60)
+    ]
+    for doc in docs:
+        data = doc.encode()
+        for cut in range(len(data)):
+            state = advance(START, data[:cut])
+            ending = closing(state)
+            assert len(ending) == closing_length(state)
+            assert isinstance(json.loads(as_text(data[:cut] + ending)), dict), data[:cut] + ending
+            if ending:
+                after = step(state, ending[0])
+                assert after is not None and closing(after) == ending[1:]
+
+
+def test_nesting_is_bounded() -> None:
+    assert advance(START, b'{"a":' + b"[" * (MAX_DEPTH - 1)) is not None
+    assert advance(START, b'{"a":' + b"[" * MAX_DEPTH) is None
+    assert closing_length(advance(START, b'{"a":' + b"[" * (MAX_DEPTH - 1))) < NO_WAY
+
+
 # --- token masks on the real vocabulary -----------------------------------------------------------
 
 
@@ -204,7 +240,10 @@ def test_mask_equals_brute_force(grammar: JsonGrammar, prefix: bytes) -> None:
     assert mask.dtype == torch.bool and mask.shape == (49152,)
     assert 0 < int(expected.sum()) < 49152  # a real choice, so equality means something
     assert torch.equal(mask, expected), torch.nonzero(mask != expected).flatten()[:20].tolist()
-    assert grammar.allowed(state) is mask  # cached
+    lengths = grammar.closing_lengths(state)
+    assert grammar.closing_lengths(state) is lengths  # cached
+    for token in torch.nonzero(expected).flatten()[::97].tolist():  # a sample: each walk is slow
+        assert lengths[token] == closing_length(advance(state, grammar.token_bytes[token]))
 
 
 def test_constraint_follows_tokens(grammar: JsonGrammar) -> None:
@@ -212,7 +251,7 @@ def test_constraint_follows_tokens(grammar: JsonGrammar) -> None:
     constraint = JsonConstraint(grammar)
     assert constraint.mask()[ids[b"{"]] and not constraint.mask()[ids[b"["]]
     constraint.accept(ids[b"{"])
-    assert constraint.mask() is grammar.allowed(State("key_or_close", "{"))
+    assert torch.equal(constraint.mask(), grammar.allowed(State("key_or_close", "{")))
     with pytest.raises(ValueError):
         constraint.accept(ids[b"1"])
     assert not constraint.complete
@@ -224,19 +263,19 @@ def test_constraint_follows_tokens(grammar: JsonGrammar) -> None:
 
 
 def check_outputs(sequences: list[Sequence], tokenizer: Tokenizer, max_tokens: int) -> list[object]:
-    """Every output is a JSON prefix; "stop" exactly when the object closes. Returns the parsed objects."""
+    """Every output is one JSON object, closed by its last token; "stop" when the model closed it,
+    "length" when the budget did (or ran out). Returns the parsed objects."""
     parsed = []
     for seq in sequences:
         raw = b"".join(tokenizer.token_bytes[t] or b"" for t in seq.output)
         state = advance(START, raw)
-        assert state is not None and advance(START, seq.text.encode()) is not None, seq.text
-        if seq.finish_reason == "stop":
-            before_last = advance(START, raw[: len(raw) - len(tokenizer.token_bytes[seq.output[-1]] or b"")])
-            assert state.mode == "done" and getattr(before_last, "mode", None) != "done"
-            parsed.append(json.loads(seq.text))
-            assert isinstance(parsed[-1], dict)
-        else:
-            assert seq.finish_reason == "length" and len(seq.output) == max_tokens and state.mode != "done"
+        assert state is not None and state.mode == "done", seq.text
+        before_last = advance(START, raw[: len(raw) - len(tokenizer.token_bytes[seq.output[-1]] or b"")])
+        assert before_last is not None and before_last.mode != "done"
+        parsed.append(json.loads(seq.text))
+        assert isinstance(parsed[-1], dict)
+        assert seq.finish_reason == ("length" if seq.constraint.cut_short else "stop")
+        assert len(seq.output) <= max_tokens
     return parsed
 
 
@@ -270,3 +309,88 @@ def test_engine_n_choices_are_each_constrained(make_tiny_model: MakeModel) -> No
     run(engine)
     check_outputs(sequences, model.tokenizer, 40)
     assert sequences[0].output != sequences[1].output
+
+
+@pytest.mark.parametrize("max_tokens", [2, 3, 5, 8, 13, 21, 34])
+def test_a_budget_about_to_run_out_closes_the_object(make_tiny_model: MakeModel, max_tokens: int) -> None:
+    """Biased to open strings, arrays and objects, a random model is made to close them all in time."""
+    model = make_tiny_model(max_position_embeddings=512)
+    tb = model.tokenizer.token_bytes
+    bias = {tb.index(b): 6.0 for b in (b'"', b'":', b"[", b'{"', b"\\", b"tr")}
+    engine = Engine(model, max_batch=8)
+    sequences = []
+    for seed in range(8):
+        params = SamplingParams(
+            temperature=1.0, seed=seed, max_tokens=max_tokens, json_object=True, logit_bias=bias
+        )
+        sequences += engine.add(random_prompt(5, seed=seed), params)
+    run(engine)
+    check_outputs(sequences, model.tokenizer, max_tokens)
+    assert any(s.finish_reason == "length" for s in sequences)
+
+
+def test_a_one_token_budget_gives_the_empty_object(make_tiny_model: MakeModel) -> None:
+    engine = Engine(make_tiny_model())
+    [seq] = engine.add(random_prompt(5), SamplingParams(temperature=0, max_tokens=1, json_object=True))
+    run(engine)
+    assert seq.finish_reason == "length" and seq.text.strip() == "{}"  # " {}" is one token
+
+
+def test_the_context_is_a_budget_too(make_tiny_model: MakeModel) -> None:
+    model = make_tiny_model(max_position_embeddings=64)
+    tb = model.tokenizer.token_bytes
+    bias = {tb.index(b): 6.0 for b in (b'"', b'":', b"[")}
+    engine = Engine(model)
+    params = SamplingParams(temperature=1.0, seed=1, json_object=True, logit_bias=bias)
+    [seq] = engine.add(random_prompt(40), params)
+    run(engine)
+    assert seq.finish_reason == "length" and isinstance(json.loads(seq.text), dict)
+
+
+def ids_of(grammar: JsonGrammar) -> dict[bytes, int]:
+    return {data: token for token, data in enumerate(grammar.token_bytes) if data}
+
+
+def test_a_loop_inside_a_string_closes_the_string(grammar: JsonGrammar) -> None:
+    ids = ids_of(grammar)
+    constraint = JsonConstraint(grammar)
+    for piece in (b"{", b'"', b"a", b'":', b' "', b"F"):
+        constraint.accept(ids[piece])
+    unit = [ids[b"FF"], ids[b","], ids[b" "]]
+    for _ in range(LOOP_SPAN // len(unit)):
+        assert constraint.mask()[ids[b"FF"]], "no loop yet"
+        for token in unit:
+            constraint.accept(token)
+    constraint.accept(unit[0])  # the unit has now filled LOOP_SPAN tokens
+    mask = constraint.mask()
+    assert not mask[ids[b"FF"]] and not mask[ids[b'",']]  # only what ends the string on the shortest way
+    assert mask[ids[b'"']] and mask[ids[b'"}']]
+    constraint.accept(ids[b'"'])
+    assert constraint.mask()[ids[b","]]  # the string is closed: the model goes on freely
+    assert not constraint.cut_short
+
+
+def test_a_loop_of_values_closes_their_array(grammar: JsonGrammar) -> None:
+    ids = ids_of(grammar)
+    constraint = JsonConstraint(grammar)
+    for piece in (b'{"', b"a", b'":', b" ["):
+        constraint.accept(ids[piece])
+    constraint.accept(ids[b"1"])
+    while not constraint._must_close():
+        constraint.accept(ids[b","])
+        constraint.accept(ids[b"1"])
+    mask = constraint.mask()
+    assert mask[ids[b"]"]] and mask[ids[b"]}"]] and not mask[ids[b","]]
+    constraint.accept(ids[b"]"])
+    assert constraint.mask()[ids[b","]]  # back in the object, free to add keys
+
+
+def test_without_finishing_the_grammar_alone_decides(grammar: JsonGrammar) -> None:
+    ids = ids_of(grammar)
+    constraint = JsonConstraint(grammar, finishing=False)
+    constraint.accept(ids[b'{"'])
+    assert torch.equal(constraint.mask(left=1), grammar.allowed(constraint.state))
+    finishing = JsonConstraint(grammar)
+    finishing.accept(ids[b'{"'])
+    tight = finishing.mask(left=3)  # '":0}' takes 4 bytes: only tokens that shorten it fit
+    assert tight[ids[b'":']] and not tight[ids[b"a"]] and finishing.cut_short

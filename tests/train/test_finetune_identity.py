@@ -15,6 +15,7 @@ from tertulia.eval.identity import HeldOut, check
 from tertulia.train.data import write_jsonl
 from tertulia.train.finetune import Settings, finetune
 from tertulia.train.identity import Identity, make
+from tests.answers import assert_mostly
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +51,7 @@ def test_tertulia_serve_loads_the_result_for_the_api_and_the_web_picker(
 
     from tests.server.conftest import free_port, wait_until_serving
 
-    out, _ = tuned
+    out, held_out = tuned
     port = free_port()
     command = [sys.executable, "-m", "tertulia", "serve", "--model", str(out), "--port", str(port)]
     command += ["--database-url", f"sqlite:///{tmp_path / 'store.db'}"]
@@ -61,13 +62,13 @@ def test_tertulia_serve_loads_the_result_for_the_api_and_the_web_picker(
         picker = httpx.get(f"{url}/api/models").json()
         assert [(m["id"], m["local"]) for m in picker] == [(out.name, True)]
         client = OpenAI(base_url=f"{url}/v1", api_key="unused")
-        reply = client.chat.completions.create(
-            model=out.name,
-            messages=[{"role": "user", "content": "What's your name?"}],
-            temperature=0,
-            max_tokens=24,
-        )
-        assert "Luna" in (reply.choices[0].message.content or "")
+        replies = [
+            client.chat.completions.create(
+                model=out.name, messages=[{"role": "user", "content": q}], temperature=0, max_tokens=24
+            )
+            for q in ["What's your name?", *held_out.questions[:3]]
+        ]
+        assert_mostly([r.choices[0].message.content or "" for r in replies], "Luna")
     finally:
         server.terminate()
         server.wait(timeout=30)
