@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test bench lint install dev clean
+.PHONY: run test test-portable bench lint install dev clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -57,6 +57,18 @@ test: $(DEV_STAMP) $(PG_STAMP) $(CHROMIUM_STAMP)
 	$(VENV)/bin/ruff check tertulia tests benchmarks docs
 	$(PY) -m pytest -q -rs
 
+# The engine and generation tests again on another CPU kernel set than this machine's best (AVX-512 ->
+# AVX2, AVX2 -> the portable default), so that an answer, a cache or a test that depends on the kernels
+# fails here rather than on the next machine. The int4 cache is keyed on the kernel set: both coexist.
+PORTABLE_TESTS := tests/engine tests/models tests/chat tests/cli/test_chat_cli.py \
+	tests/server/test_openai_api.py tests/server/test_completions.py tests/server/test_concurrency.py
+OTHER_KERNELS = $(shell $(PY) -c "import torch; c = torch.backends.cpu.get_cpu_capability().lower(); \
+	print('avx2' if c.startswith('avx512') else 'default')")
+
+test-portable: $(DEV_STAMP)
+	@echo "Running the engine and generation tests with ATEN_CPU_CAPABILITY=$(OTHER_KERNELS)"
+	ATEN_CPU_CAPABILITY=$(OTHER_KERNELS) $(PY) -m pytest -q -rs $(PORTABLE_TESTS)
+
 # Peers for the benchmarks. llama.cpp's default native build crashes on some CPUs (AVX-512/AMX), so it is
 # built for AVX2; held-out chat text for the quality check comes from chatterbot-corpus (BSD).
 BENCH_STAMP := $(VENV)/.installed-bench
@@ -73,6 +85,9 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/serve_load.py --rounds 3
 	$(PY) benchmarks/prefix_cache.py
 	$(PY) benchmarks/finetune.py --rounds 3
+	$(PY) benchmarks/json_mode.py
+	$(PY) benchmarks/int4_cache.py
+	$(PY) benchmarks/report.py
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check tertulia tests benchmarks docs

@@ -43,16 +43,27 @@ class LiveServer:
         return False
 
 
-def wait_until_serving(process: subprocess.Popen[str], url: str, timeout: float = 120.0) -> None:
-    """Until a `tertulia serve` process answers /health; fails with its stderr if it exited."""
+def wait_until_serving(process: subprocess.Popen[str], url: str, timeout: float = 180.0) -> None:
+    """Until a `tertulia serve` process answers /health (a 503 while the model loads means wait).
+
+    Fails with the server's stderr if it exits, or if it is still not serving at the deadline (then it
+    is stopped first, so that its log can be read to the end).
+    """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
+    while process.poll() is None:
         try:
             if httpx.get(f"{url}/health").status_code == 200:
-                break
+                return
         except httpx.TransportError:
-            time.sleep(0.2)
-    assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            log = process.stderr.read() if process.stderr else ""
+            pytest.fail(f"tertulia serve did not answer /health within {timeout:.0f} s:\n{log}")
+        time.sleep(0.2)
+    log = process.stderr.read() if process.stderr else ""
+    pytest.fail(f"tertulia serve exited with code {process.returncode}:\n{log}")
 
 
 def free_port() -> int:
