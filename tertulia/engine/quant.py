@@ -21,9 +21,9 @@ error. So the cache file is named after all three, and it carries a fingerprint:
 a fixed prompt, computed when it was packed. A load recomputes them and refuses a file that does not
 match (a wrong layout moves them by ~40, another CPU running the right layout by 0.25 at most), then
 packs again. Keying the file was chosen over storing a portable form and packing at every load:
-for the default model, reading the packed file and checking its fingerprint takes ~40 ms, packing
-at load 70 ms from int32 values (a file four times larger) or ~280 ms from packed nibbles, on every
-start (`benchmarks/int4_cache.py`; BENCHMARKS.md, "Quantized-weight cache").
+for the default model, reading the packed file and checking its fingerprint takes ~40 ms; a portable
+file packed at load takes ~110 ms from nibbles (~180 ms from int32 values, a file four times larger),
+on every start (`benchmarks/int4_cache.py`; BENCHMARKS.md, "Quantized-weight cache").
 """
 
 from __future__ import annotations
