@@ -73,8 +73,7 @@ def int4_cache(result: dict) -> str:
     lines = [
         "## Quantized-weight cache: start-up cost",
         "",
-        f"Command: `python benchmarks/int4_cache.py --runs {settings['runs']}`. "
-        f"{machine_line(result)}",
+        f"Command: `python benchmarks/int4_cache.py --runs {settings['runs']}`. {machine_line(result)}",
         "",
         "PyTorch packs int4 weights in a layout that depends on the CPU kernel set. The cache is keyed on "
         "it and checked by a logit fingerprint; the alternative was a portable form packed at every "
