@@ -18,6 +18,7 @@ starts (kv_cache.PrefillAttention): the logits are a cold run's, bit for bit, on
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -33,6 +34,8 @@ from tertulia.engine.sampling import SamplingParams, sample, top_logprobs
 from tertulia.engine.sequence import Sequence, Status, StepOutput, TokenLogprob
 from tertulia.errors import PromptError, TertuliaError
 from tertulia.models.registry import LoadedModel
+
+log = logging.getLogger(__name__)
 
 # Prompts are prefilled in chunks so attention scores stay small for long prompts.
 PREFILL_CHUNK = 512
@@ -103,6 +106,10 @@ class Engine:
     # --- requests -----------------------------------------------------------------------------
     def check_prompt(self, prompt: list[int], params: SamplingParams) -> int:
         """Validate a request; return how many tokens it may generate."""
+        try:
+            params.validate(self.vocab_size)
+        except ValueError as exc:
+            raise PromptError(str(exc), code="invalid_value") from None
         if not prompt:
             raise PromptError("The prompt is empty.", "Write something to send.")
         if params.n > self.max_batch:
@@ -121,10 +128,6 @@ class Engine:
                 f"n={params.n} copies of a {len(prompt)}-token prompt do not fit in the KV memory budget.",
                 "Ask for fewer choices, or start the server with more --kv-memory.",
             )
-        try:
-            params.validate(self.vocab_size)
-        except ValueError as exc:
-            raise PromptError(str(exc), code="invalid_value") from None
         return params.max_tokens or room
 
     def add(self, prompt: list[int], params: SamplingParams) -> list[Sequence]:
@@ -230,6 +233,8 @@ class Engine:
             while any(s.status is not Status.FINISHED for s in sequences):
                 for out in self.step():
                     if out.sequence in sequences:
+                        if out.sequence.error is not None:
+                            raise out.sequence.error
                         yield out
         finally:
             self.abort(sequences)
@@ -314,33 +319,72 @@ class Engine:
         return self._sample(sequences, self.model.module.compute_logits(hidden).cpu())
 
     def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
-        params = [s.params for s in sequences]
-        want_logprobs = [p.logprobs is not None for p in params]
-        raw = logits.clone() if any(want_logprobs) else None
-        allowed = [
-            s.constraint.mask(s.tokens_left(self.context)) if s.constraint else None for s in sequences
-        ]
-        tokens = sample(
-            logits,
-            params,
-            [s.history for s in sequences],
-            [s.generator for s in sequences],
-            allowed if any(m is not None for m in allowed) else None,
-        )
-        token_list = tokens.tolist()
-        logprob_rows = None
-        if raw is not None:
-            k = max(p.logprobs or 0 for p in params)
-            logprob_rows = top_logprobs(raw, tokens, k)
-        outputs = []
-        for row, (seq, token) in enumerate(zip(sequences, token_list, strict=True)):
-            text = seq.append(token, self.stop_ids, self.context)
-            logprob = None
-            if logprob_rows is not None and want_logprobs[row]:
-                chosen, alternatives = logprob_rows[row]
-                logprob = TokenLogprob(token, chosen, alternatives[: seq.params.logprobs or 0])
+        """Next tokens for `sequences` (rows of `logits`): masks, draw, then each sequence takes its
+        token. Whatever fails for one sequence (its mask, its draw, its stop checks) fails it alone."""
+        outputs: list[StepOutput] = []
+        rows, allowed = [], []
+        for row, seq in enumerate(sequences):
+            try:
+                allowed.append(seq.constraint.mask(seq.tokens_left(self.context)) if seq.constraint else None)
+                rows.append(row)
+            except Exception as exc:  # noqa: BLE001 - isolate this sequence
+                outputs.append(self._failed(seq, exc))
+        if len(rows) < len(sequences):
+            sequences, logits = [sequences[r] for r in rows], logits[rows]
+        drawn = self._draw(sequences, logits, allowed)
+        for seq, token, logprob in drawn:
+            if isinstance(token, Exception):
+                outputs.append(self._failed(seq, token))
+                continue
+            try:
+                text = seq.append(token, self.stop_ids, self.context)
+            except Exception as exc:  # noqa: BLE001
+                outputs.append(self._failed(seq, exc))
+                continue
             outputs.append(StepOutput(seq, text, token, logprob))
         return outputs
+
+    def _draw(
+        self, sequences: list[Sequence], logits: torch.Tensor, allowed: list[torch.Tensor | None]
+    ) -> list[tuple[Sequence, int | Exception, TokenLogprob | None]]:
+        """Sample the batch at once; if that fails, row by row, so that only the culprit fails."""
+        if not sequences:
+            return []
+        params = [s.params for s in sequences]
+        try:
+            tokens = sample(
+                logits.clone(),  # the penalties work in place: keep the logits for a retry
+                params,
+                [s.history for s in sequences],
+                [s.generator for s in sequences],
+                allowed if any(m is not None for m in allowed) else None,
+            )
+            logprob_rows = None
+            if any(p.logprobs is not None for p in params):
+                logprob_rows = top_logprobs(logits, tokens, max(p.logprobs or 0 for p in params))
+        except Exception as exc:  # noqa: BLE001
+            if len(sequences) == 1:
+                return [(sequences[0], exc, None)]
+            return [
+                item
+                for row in range(len(sequences))
+                for item in self._draw(
+                    sequences[row : row + 1], logits[row : row + 1], allowed[row : row + 1]
+                )
+            ]
+        drawn: list[tuple[Sequence, int | Exception, TokenLogprob | None]] = []
+        for row, (seq, token) in enumerate(zip(sequences, tokens.tolist(), strict=True)):
+            logprob = None
+            if logprob_rows is not None and seq.params.logprobs is not None:
+                chosen, alternatives = logprob_rows[row]
+                logprob = TokenLogprob(token, chosen, alternatives[: seq.params.logprobs])
+            drawn.append((seq, token, logprob))
+        return drawn
+
+    def _failed(self, seq: Sequence, error: Exception) -> StepOutput:
+        log.exception("sequence %d.%d failed", seq.group, seq.index, exc_info=error)
+        seq.fail(error)
+        return StepOutput(seq, "", None)
 
     def _release_finished(self) -> None:
         still = []

@@ -119,7 +119,13 @@ class EngineRunner:
     def _add(self, stream: RequestStream) -> None:
         if stream.finished:
             return
-        stream.sequences = self.engine.add(stream.prompt, stream.params)
+        try:
+            stream.sequences = self.engine.add(stream.prompt, stream.params)
+        except Exception as exc:  # noqa: BLE001 - this request fails, the loop goes on
+            log.exception("request refused by the engine")
+            stream.finished = True
+            stream.push(exc)
+            return
         self._streams[stream.sequences[0].group] = stream
 
     def _abort(self, stream: RequestStream) -> None:
@@ -150,7 +156,11 @@ class EngineRunner:
     def _run(self) -> None:
         while True:
             while not self._inbox.empty():
-                self._inbox.get()()
+                command = self._inbox.get()
+                try:
+                    command()
+                except Exception:  # a bug in one command must not stop the engine for everyone
+                    log.exception("engine command failed")
             if self._stopping:
                 for stream in list(self._streams.values()):
                     self.engine.abort(stream.sequences)
@@ -175,11 +185,17 @@ class EngineRunner:
             now = time.perf_counter()
             for out in outputs:
                 stream = self._streams.get(out.sequence.group)
-                if stream is not None:
-                    self._observe(stream, out, now)
-                    stream.push(out)
-                    touched.add(out.sequence.group)
+                if stream is None:
+                    continue
+                if out.sequence.error is not None:  # this request alone failed: end all its choices
+                    self.engine.abort(stream.sequences)
+                    stream.push(out.sequence.error)
+                    self._finish(stream)
+                    continue
+                self._observe(stream, out, now)
+                stream.push(out)
+                touched.add(out.sequence.group)
             for group in touched:
-                stream = self._streams[group]
-                if all(s.finish_reason is not None for s in stream.sequences):
+                stream = self._streams.get(group)
+                if stream is not None and all(s.finish_reason is not None for s in stream.sequences):
                     self._finish(stream)

@@ -19,6 +19,9 @@ GREEDY_BELOW = 1e-5
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 
 
+_NUMBERS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0
@@ -39,11 +42,17 @@ class SamplingParams:
     json_object: bool = False  # constrain the output to a JSON object (see json_mode.py)
 
     def validate(self, vocab_size: int) -> None:
-        """Raise ValueError with a message fit for an API error."""
+        """Raise ValueError with a message fit for an API error.
+
+        The interfaces check options against their one table (`providers.options`) first; this is the
+        engine's own guard, so that nothing reaching it can break a step: types, and the ranges
+        outside which the arithmetic degenerates (inf/NaN logits, tensors that overflow).
+        """
+        self._check_types()
         checks = [
             (0 <= self.temperature <= MAX_TEMPERATURE, f"temperature must be in [0, {MAX_TEMPERATURE}]"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 disables it; past the vocabulary it keeps all)"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
@@ -67,6 +76,31 @@ class SamplingParams:
                 raise ValueError(f"logit_bias token {token} is outside the vocabulary (0..{vocab_size - 1})")
             if not -100 <= bias <= 100:
                 raise ValueError("logit_bias values must be in [-100, 100]")
+
+    def _check_types(self) -> None:
+        def integer(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def real(value: object) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool)
+
+        for name in _NUMBERS:
+            if not real(getattr(self, name)):
+                raise ValueError(f"{name} must be a number")
+        for name in ("top_k", "n"):
+            if not integer(getattr(self, name)):
+                raise ValueError(f"{name} must be an integer")
+        for name in ("seed", "max_tokens", "logprobs"):
+            if getattr(self, name) is not None and not integer(getattr(self, name)):
+                raise ValueError(f"{name} must be an integer")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
+            raise ValueError("stop must be a list of strings")
+        if not isinstance(self.stop_token_ids, list) or not all(integer(t) for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be a list of integers")
+        if not isinstance(self.logit_bias, dict) or not all(
+            integer(k) and real(v) for k, v in self.logit_bias.items()
+        ):
+            raise ValueError("logit_bias must map token ids to numbers")
 
     @property
     def greedy(self) -> bool:
@@ -138,10 +172,10 @@ def sample(
         return greedy_tokens
     temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params])
     logits = logits / temperature.unsqueeze(1)
-    top_k = max(p.top_k for p in params)
+    top_k = min(max(p.top_k for p in params), logits.shape[1])
     if top_k:
-        k = torch.tensor([p.top_k or logits.shape[1] for p in params]).clamp(max=logits.shape[1])
-        sorted_desc = logits.topk(min(top_k, logits.shape[1]), dim=-1).values
+        k = torch.tensor([min(p.top_k or logits.shape[1], logits.shape[1]) for p in params])
+        sorted_desc = logits.topk(top_k, dim=-1).values
         kth = sorted_desc.gather(1, (k.clamp(max=sorted_desc.shape[1]) - 1).unsqueeze(1))
         kth = torch.where((k >= logits.shape[1]).unsqueeze(1), torch.full_like(kth, -torch.inf), kth)
         logits = logits.masked_fill(logits < kth, -torch.inf)

@@ -12,6 +12,10 @@ from tertulia.engine.json_mode import JsonConstraint
 from tertulia.engine.sampling import SamplingParams, TokenHistory, make_generator
 
 
+class SequenceFailed(RuntimeError):
+    """One sequence could not go on; the engine and the other sequences are unaffected."""
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -55,6 +59,7 @@ class Sequence:
     text: str = ""
     finish_reason: str | None = None
     constraint: JsonConstraint | None = None  # JSON mode: where the output is in the grammar
+    error: Exception | None = None  # why it ended with finish_reason "error"
 
     def __post_init__(self) -> None:
         # n > 1 with a seed: each choice gets its own stream, derived from the seed and its index.
@@ -100,6 +105,12 @@ class Sequence:
     def abort(self) -> None:
         if self.status is not Status.FINISHED:
             self._finish("abort")
+
+    def fail(self, error: Exception) -> None:
+        """End this sequence alone because of `error` (the rest of its batch goes on)."""
+        self.status = Status.FINISHED
+        self.finish_reason = "error"
+        self.error = SequenceFailed(f"Generation failed: {error}")
 
     def _finish(self, reason: str) -> str:
         self.status = Status.FINISHED
