@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import time
 from datetime import datetime
 from typing import Any
 
@@ -18,6 +19,13 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tertulia.errors import ModelLoadError, PromptError
 from tertulia.models.tokenizer import Tokenizer
+
+# A template is a program from the model's files run over client data. Its output is bounded (each
+# message appears a few times at most, plus the template's own text) and so is its time, checked
+# between the pieces it yields: a runaway template fails that request, not the server.
+RENDER_GROWTH = 4
+RENDER_OVERHEAD_CHARS = 1_000_000
+RENDER_SECONDS = 10.0
 
 # For base models without a template: readable turns, generation continues after "assistant:".
 PLAIN_TEMPLATE = (
@@ -75,14 +83,29 @@ class ChatTemplate:
         self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True, **extra: Any
     ) -> str:
         """The prompt as text (for display and token counting of the template's overhead)."""
+        given = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+        limit = RENDER_GROWTH * given + RENDER_OVERHEAD_CHARS
+        deadline = time.monotonic() + RENDER_SECONDS
+        parts, size = [], 0
         try:
-            return self._template.render(
+            for part in self._template.generate(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.tokenizer.bos_token or "",
                 eos_token=self.tokenizer.eos_token or "",
                 **extra,
-            )
+            ):
+                size += len(part)
+                if size > limit or time.monotonic() > deadline:
+                    raise PromptError(
+                        "The chat template's output grew past what these messages can need "
+                        f"({size:,} characters, {time.monotonic() - deadline + RENDER_SECONDS:.1f} s).",
+                        "The model's chat template is at fault; fix it or use another model.",
+                    )
+                parts.append(part)
+            return "".join(parts)
+        except PromptError:
+            raise
         except TemplateError as exc:
             raise PromptError(f"The chat template rejected these messages: {exc}") from None
         except Exception as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -75,8 +76,10 @@ class ServedModel:
     def stop(self) -> None:
         self.runner.stop()
 
-    def submit_chat(self, messages: list[dict[str, Any]], params: SamplingParams) -> RequestStream:
-        return self.runner.submit(self.provider.encode_chat(messages), params)
+    async def submit_chat(self, messages: list[dict[str, Any]], params: SamplingParams) -> RequestStream:
+        """Template and tokenize in a worker thread (a long prompt takes a while), then submit."""
+        prompt = await asyncio.to_thread(self.provider.encode_chat, messages)
+        return self.runner.submit(prompt, params)
 
     def encode_text(self, prompt: str | list[int]) -> list[int]:
         """A raw prompt's ids: the caller writes the format, so control tokens in it are honoured."""

@@ -9,14 +9,24 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tertulia.engine.runner import RequestStream
 from tertulia.engine.sequence import StepOutput, TokenLogprob
 from tertulia.providers.local import ServedModel
 from tertulia.providers.remote import RemoteModel
 from tertulia.server.errors import APIError
-from tertulia.server.openai_api import fingerprint, finish_reason, forward, pick_model, router, sse
+from tertulia.server.limits import check_queue
+from tertulia.server.openai_api import (
+    CLIENT_CLOSED,
+    fingerprint,
+    finish_reason,
+    forward,
+    pick_model,
+    router,
+    sse,
+    until_disconnected,
+)
 from tertulia.server.schemas import CompletionRequest
 
 
@@ -27,11 +37,19 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
         return await forward(model, "/completions", request, body.stream)
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo together with logprobs is not supported.", param="echo")
-    params = body.to_sampling()
+    prompts = body.prompts()
+    # Each prompt is a request of its own for the engine: the queue counts them all.
+    check_queue(model.runner.pending + len(prompts) - 1, request.app.state.max_queue)
+    try:
+        params = body.to_sampling()
+        # Tokenizing thousands of prompts takes a while: not on the event loop.
+        prompt_ids = await asyncio.to_thread(lambda: [model.encode_text(p) for p in prompts])
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="prompt") from None
     streams: list[RequestStream] = []
     try:
-        for prompt in body.prompts():
-            streams.append(model.submit_ids(model.encode_text(prompt), params))
+        for ids in prompt_ids:
+            streams.append(model.submit_ids(ids, params))
     except ValueError as exc:
         for stream in streams:
             stream.cancel()
@@ -43,7 +61,8 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
         return StreamingResponse(
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
-    return JSONResponse(await _response(streams, model, completion_id, created, body))
+    reply = await until_disconnected(request, _response(streams, model, completion_id, created, body))
+    return JSONResponse(reply) if reply is not None else Response(status_code=CLIENT_CLOSED)
 
 
 def _legacy_logprobs(model: ServedModel, items: list[TokenLogprob], start: int) -> dict[str, Any]:

@@ -17,8 +17,8 @@ from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from tertulia.chat.conversation import check_settings
 from tertulia.errors import TertuliaError
+from tertulia.providers import options
 from tertulia.server.auth_api import request_store, request_user
 from tertulia.server.errors import APIError
 from tertulia.store import transfer
@@ -28,6 +28,7 @@ from tertulia.store.schema import Conversation, Message, Persona
 router = APIRouter(prefix="/api")
 
 MAX_MESSAGE_CHARS = 100_000  # a long paste is fine; a file's worth of text is an upload, not a message
+ModelName = Annotated[str, Field(min_length=1, max_length=transfer.MAX_NAME)]
 
 
 class _Body(BaseModel):
@@ -38,14 +39,14 @@ class ConversationFields(_Body):
     title: Annotated[str, Field(min_length=1, max_length=300)] | None = None
     system_prompt: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] | None = None
     persona_id: str | None = None
-    model: str | None = None
+    model: ModelName | None = None
     settings: dict[str, Any] | None = None
 
 
 class PersonaFields(_Body):
     name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     instructions: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] | None = None
-    model: str | None = None
+    model: ModelName | None = None
     settings: dict[str, Any] | None = None
 
 
@@ -79,9 +80,14 @@ async def store_call(request: Request, method: str, *args: Any, **kwargs: Any) -
 
 def check_request_settings(settings: dict[str, Any] | None) -> None:
     try:
-        check_settings(settings or {})
-    except ValueError as exc:
-        raise APIError(400, str(exc), param="settings") from None
+        options.parse(settings)
+    except options.OptionsError as exc:
+        raise settings_error(exc) from None
+
+
+def settings_error(error: options.OptionsError) -> APIError:
+    param = "settings" + (f".{error.param}" if error.param else "")
+    return APIError(400, f"settings: {error}" if error.param else str(error), param=param)
 
 
 def conversation_json(conversation: Conversation) -> dict[str, Any]:
@@ -207,6 +213,8 @@ async def export(
 @router.post("/conversations/import", status_code=201)
 async def import_conversation(request: Request, data: Annotated[Any, Body()]) -> dict[str, Any]:
     store, user = request_store(request), await request_user(request)
+    if isinstance(data, dict):
+        check_request_settings(data.get("settings"))
     try:
         conversation = await asyncio.to_thread(transfer.import_json, store, user, data)
     except TertuliaError as exc:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tertulia import __version__
 from tertulia.engine.runner import RequestStream
@@ -21,6 +23,7 @@ from tertulia.server.limits import check_queue
 from tertulia.server.schemas import ChatCompletionRequest
 
 router = APIRouter(prefix="/v1")
+T = TypeVar("T")
 
 
 def served_models(request: Request) -> dict[str, ServedModel]:
@@ -47,6 +50,36 @@ def pick_model(request: Request, name: str, *, admit: bool = True) -> ServedMode
         if isinstance(model, ServedModel):
             check_queue(model.runner.pending, request.app.state.max_queue)
     return model
+
+
+CLIENT_CLOSED = 499  # nginx's status for "the client left before the answer": nobody reads it
+
+
+async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T | None:
+    """Run `work` (a whole, non-streamed answer) unless the client leaves first: then it is cancelled,
+    which frees its engine slots, and None is returned. Streamed answers stop when their generator is
+    closed instead.
+
+    The body has been read, so the next message the server sends the app is the disconnect.
+    """
+    task = asyncio.ensure_future(work)
+    left = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, left}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    finally:
+        task.cancel()
+        left.cancel()
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def model_card(name: str, created: int) -> dict[str, Any]:
@@ -93,7 +126,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     if isinstance(model, RemoteModel):
         return await forward(model, "/chat/completions", request, body.stream)
     try:
-        stream = model.submit_chat(body.template_messages(), body.to_sampling())
+        stream = await model.submit_chat(body.template_messages(), body.to_sampling())
     except ValueError as exc:
         raise APIError(400, str(exc)) from None
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -104,7 +137,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
         return StreamingResponse(
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
-    return JSONResponse(await _chat_response(stream, model, completion_id, created, body))
+    reply = await until_disconnected(request, _chat_response(stream, model, completion_id, created, body))
+    return JSONResponse(reply) if reply is not None else Response(status_code=CLIENT_CLOSED)
 
 
 async def _chat_response(

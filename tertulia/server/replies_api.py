@@ -26,18 +26,20 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from tertulia.chat.context import FittedPrompt, fit
-from tertulia.chat.conversation import OPENAI_SETTINGS, merged_settings, prompt_messages
+from tertulia.chat.conversation import prompt_messages
 from tertulia.chat.session import DEFAULT_REPLY_RESERVE
 from tertulia.engine.runner import RequestStream
-from tertulia.engine.sampling import SamplingParams
+from tertulia.providers import options
 from tertulia.providers.base import Delta
 from tertulia.providers.local import ServedModel
+from tertulia.providers.options import Options
 from tertulia.providers.remote import RemoteChat, RemoteModel, UpstreamError
 from tertulia.server.auth_api import request_store, request_user
 from tertulia.server.conversations_api import (
     ReplyRequest,
     check_request_settings,
     message_json,
+    settings_error,
     store_call,
 )
 from tertulia.server.errors import APIError
@@ -52,19 +54,6 @@ SAVE_EVERY_SECONDS = 0.25  # how often a streaming reply is written to the store
 # What a reply uses when neither the persona, the conversation nor the request says otherwise: the
 # terminal chat's defaults (small models loop without a little repetition penalty).
 DEFAULT_SETTINGS = {"temperature": 0.3, "top_p": 0.9, "repetition_penalty": 1.1}
-
-
-def _sampling(settings: dict[str, Any], max_tokens: int) -> SamplingParams:
-    return SamplingParams(
-        temperature=settings["temperature"],
-        top_p=settings["top_p"],
-        repetition_penalty=settings["repetition_penalty"],
-        frequency_penalty=settings.get("frequency_penalty", 0.0),
-        presence_penalty=settings.get("presence_penalty", 0.0),
-        seed=settings.get("seed"),
-        stop=list(settings.get("stop", [])),
-        max_tokens=max_tokens,
-    )
 
 
 def default_model(request: Request) -> str:
@@ -108,8 +97,8 @@ class ReplySetup:
 
     conversation: Conversation
     persona: Persona | None
-    settings: dict[str, Any]
-    chosen: dict[str, Any]
+    settings: Options
+    chosen: Options
     model: ServedModel | RemoteModel
 
     @property
@@ -119,7 +108,7 @@ class ReplySetup:
     def reserve(self) -> int:
         """Room kept for the reply: max_tokens when set, else the terminal chat's default share."""
         context = self.context or 0
-        return self.settings.get("max_tokens") or min(DEFAULT_REPLY_RESERVE, context // 4)
+        return self.settings.max_tokens or min(DEFAULT_REPLY_RESERVE, context // 4)
 
     async def fit(self, messages: list[dict[str, Any]]) -> FittedPrompt:
         assert isinstance(self.model, ServedModel)
@@ -131,7 +120,7 @@ class ReplySetup:
     async def start(self, messages: list[dict[str, Any]]) -> ReplySource:
         """Start generating; any refusal (context, sampling, upstream) raises before anything is stored."""
         if isinstance(self.model, RemoteModel):
-            body = {k: v for k, v in self.chosen.items() if k in OPENAI_SETTINGS}
+            body = {k: v for k, v in self.chosen.set_values().items() if k in options.OPENAI_NAMES}
             try:
                 chat = await RemoteChat.open(self.model, dict(body, messages=messages))
             except UpstreamError as exc:
@@ -143,8 +132,8 @@ class ReplySetup:
             return ReplySource(chat.pieces(), chat.close, None, None)
         fitted = await self.fit(messages)
         context = self.model.provider.context_length
-        params = _sampling(self.settings, min(self.reserve(), context - fitted.prompt_tokens))
-        stream = self.model.submit_chat(fitted.messages, params)
+        params = self.settings.sampling(max_tokens=min(self.reserve(), context - fitted.prompt_tokens))
+        stream = await self.model.submit_chat(fitted.messages, params)
         pieces = _local_pieces(stream)
         return ReplySource(
             pieces, stream.cancel, fitted.prompt_tokens, context, fitted.dropped, fitted.notice
@@ -170,9 +159,11 @@ async def reply_setup(
     layers = (persona.settings if persona else None, conversation.settings, overrides)
     name = conversation.model or (persona.model if persona else None) or default_model(request)
     model = pick_model(request, name, admit=admit)
-    return ReplySetup(
-        conversation, persona, merged_settings(DEFAULT_SETTINGS, *layers), merged_settings(*layers), model
-    )
+    try:
+        settings, chosen = options.merged(DEFAULT_SETTINGS, *layers), options.merged(*layers)
+    except options.OptionsError as exc:  # stored by an older version, before it was refused
+        raise settings_error(exc) from None
+    return ReplySetup(conversation, persona, settings, chosen, model)
 
 
 @router.get("/models")

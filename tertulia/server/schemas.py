@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tertulia.engine.sampling import SamplingParams
+from tertulia.providers.options import MaxTokens, Options
 
-MAX_STOP_SEQUENCES = 4
 MAX_N = 16
+# Each prompt of a list becomes a request of its own: a list is bounded like a burst of requests.
+MAX_PROMPTS = 64
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for the legacy route
 
 
 class TextPart(BaseModel):
@@ -43,67 +46,22 @@ class ResponseFormat(BaseModel):
     type: Literal["text", "json_object"] = "text"
 
 
-class SamplingFields(BaseModel):
-    """Fields shared by /v1/chat/completions and /v1/completions."""
+class SamplingFields(Options):
+    """Fields shared by /v1/chat/completions and /v1/completions: the sampling options (their one table
+    is `providers.options`) and what both routes add."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
-    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     user: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value: str | list[str] | None) -> list[str]:
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must be non-empty strings")
-        return stops
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for key in value or {}:
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
-        return value
-
-    def sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        return SamplingParams(
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            presence_penalty=self.presence_penalty or 0.0,
-            repetition_penalty=self.repetition_penalty or 1.0,
-            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
-            seed=self.seed,
-            n=self.n,
-            max_tokens=max_tokens,
-            stop=list(self.stop or []),
-            logprobs=logprobs,
-        )
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
@@ -124,17 +82,18 @@ class ChatCompletionRequest(SamplingFields):
         ]
 
     def to_sampling(self) -> SamplingParams:
-        logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        params = self.sampling(self.max_completion_tokens or self.max_tokens, logprobs)
-        params.json_object = self.response_format is not None and self.response_format.type == "json_object"
-        return params
+        return self.sampling(
+            n=self.n,
+            max_tokens=self.max_completion_tokens or self.max_tokens,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            json_object=self.response_format is not None and self.response_format.type == "json_object",
+        )
 
 
 class CompletionRequest(SamplingFields):
     """Legacy /v1/completions: raw prompts (no chat template)."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     best_of: Annotated[int, Field(ge=1)] | None = None
@@ -149,6 +108,8 @@ class CompletionRequest(SamplingFields):
         prompts = self.prompts()
         if not prompts or any(p == "" or p == [] for p in prompts):
             raise ValueError("prompt must not be empty")
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request; send more in several requests")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -161,4 +122,5 @@ class CompletionRequest(SamplingFields):
         return list(prompt)  # type: ignore[arg-type]
 
     def to_sampling(self) -> SamplingParams:
-        return self.sampling(self.max_tokens, self.logprobs)
+        max_tokens = DEFAULT_COMPLETION_TOKENS if self.max_tokens is None else self.max_tokens
+        return self.sampling(n=self.n, max_tokens=max_tokens, logprobs=self.logprobs)

@@ -1,7 +1,8 @@
 """Export a conversation (JSON with its whole tree, or Markdown of the shown branch) and import it back.
 
 An import is checked whole before anything is written (known format, roles, parents that exist and
-come first, sizes), then written in one transaction with fresh ids: importing the same file twice
+come first, sizes; its sampling settings are the caller's to check, against the options' one table),
+then written in one transaction with fresh ids: importing the same file twice
 gives two conversations, and a bad file changes nothing.
 """
 
@@ -20,6 +21,11 @@ FORMAT = "tertulia.conversation"
 VERSION = 1
 MAX_MESSAGES = 10_000
 MAX_CONTENT = 1_000_000
+MAX_NAME = 300  # a model's name, as the store's columns hold it
+
+
+def _short_text(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= MAX_NAME
 
 
 def export_json(store: Store, user_id: str, conversation_id: str) -> dict[str, Any]:
@@ -93,12 +99,18 @@ def _check(data: Any) -> list[dict[str, Any]]:
         if not isinstance(content, str) or len(content) > MAX_CONTENT:
             raise fail(f"message {i} has no text content, or too much")
         parent = message.get("parent_id")
+        if parent is not None and not isinstance(parent, str):
+            raise fail(f"message {i} has a parent_id that is not text")
+        if message.get("model") is not None and not _short_text(message["model"]):
+            raise fail(f"message {i} has a model that is not text of at most {MAX_NAME} characters")
         if parent is not None and parent not in seen:  # parents first: no cycles, no dangling links
             raise fail(f"message {i} answers a message that does not come before it")
         seen.add(message["id"])
-    for key in ("title", "system_prompt", "model"):
+    for key in ("title", "system_prompt"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise fail(f"'{key}' must be text")
+    if data.get("model") is not None and not _short_text(data["model"]):
+        raise fail(f"'model' must be text of at most {MAX_NAME} characters")
     if data.get("settings") is not None and not isinstance(data["settings"], dict):
         raise fail("'settings' must be an object")
     return messages
@@ -131,7 +143,7 @@ def import_json(store: Store, user_id: str, data: Any) -> Conversation:
                     content=message["content"],
                     # A reply that was streaming when exported is not streaming here.
                     status="incomplete" if status in ("streaming", "incomplete") else "complete",
-                    model=message.get("model") if isinstance(message.get("model"), str) else None,
+                    model=message.get("model"),
                     **({"created_at": when} if when is not None else {}),
                 )
             )

@@ -139,6 +139,11 @@ def test_personas_and_settings(server) -> None:
         ({"content": "   "}, 400),
         ({"content": "hi", "settings": {"temperature": 7}}, 400),
         ({"content": "hi", "settings": {"warp": 1}}, 400),
+        ({"content": "hi", "settings": {"seed": 1.5}}, 400),
+        ({"content": "hi", "settings": {"temperature": "hot"}}, 400),
+        ({"content": "hi", "settings": {"top_k": 2**63}}, 400),
+        ({"content": "hi", "settings": {"max_tokens": "many"}}, 400),
+        ({"content": "hi", "settings": {"temperature": float("nan")}}, 400),
         ({"content": "hi", "bogus": 1}, 400),
         ({"regenerate": True}, 400),
         ({"content": "hi", "parent_id": "f" * 32}, 404),
@@ -148,6 +153,11 @@ def test_personas_and_settings(server) -> None:
         "empty",
         "out-of-range",
         "unknown-setting",
+        "float-seed",
+        "string-temperature",
+        "huge-top-k",
+        "string-max-tokens",
+        "nan-temperature",
         "unknown-field",
         "regenerate-nothing",
         "bad-parent",
@@ -157,7 +167,13 @@ def test_personas_and_settings(server) -> None:
 def test_bad_replies_are_refused_and_store_nothing(server, body: dict, status: int) -> None:
     api, _, _ = server
     conversation = new_conversation(api)
-    response = httpx.post(f"{api}/conversations/{conversation}/reply", json=body, timeout=60)
+    raw = json.dumps(body)  # NaN included, as Python's json writes it and some clients send it
+    response = httpx.post(
+        f"{api}/conversations/{conversation}/reply",
+        content=raw,
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
     assert response.status_code == status, response.text
     validate(response.json(), "ErrorResponse")
     assert httpx.get(f"{api}/conversations/{conversation}").json()["messages"] == []
@@ -223,8 +239,21 @@ def test_export_and_import_keep_the_whole_tree(server) -> None:
         {"messages": [{"id": "a", "parent_id": None, "role": "tool", "content": "x"}]},
         {"messages": [{"id": "a", "parent_id": None, "role": "user", "content": 5}]},
         {"title": ["not", "text"]},
+        {"messages": [{"id": "a", "parent_id": [], "role": "user", "content": "x"}]},
+        {"model": "m" * 301},
+        {"messages": [{"id": "a", "parent_id": None, "role": "user", "content": "x", "model": "m" * 301}]},
     ],
-    ids=["format", "version", "dangling-parent", "role", "content", "title"],
+    ids=[
+        "format",
+        "version",
+        "dangling-parent",
+        "role",
+        "content",
+        "title",
+        "list-parent",
+        "long-model",
+        "long-message-model",
+    ],
 )
 def test_a_bad_import_changes_nothing(server, broken: dict) -> None:
     api, _, _ = server
@@ -232,6 +261,44 @@ def test_a_bad_import_changes_nothing(server, broken: dict) -> None:
     response = httpx.post(f"{api}/conversations/import", json=data)
     assert response.status_code == 400 and "Not a conversation export" in response.json()["error"]["message"]
     assert httpx.get(f"{api}/conversations").json() == []
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"temperature": "hot"}, {"max_tokens": "many"}, {"seed": 1.5}, {"warp": 1}, ["not", "an", "object"]],
+)
+def test_an_import_with_bad_settings_changes_nothing(server, settings: object) -> None:
+    api, _, _ = server
+    data = {
+        "format": "tertulia.conversation",
+        "version": 1,
+        "title": "t",
+        "messages": [],
+        "settings": settings,
+    }
+    response = httpx.post(f"{api}/conversations/import", json=data)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"].startswith("settings")
+    assert httpx.get(f"{api}/conversations").json() == []
+
+
+def test_settings_stored_by_an_older_version_are_refused_not_crashed_on(server) -> None:
+    """Settings written before they were checked (straight into the store here): the reply and the
+    context meter answer 400 naming the setting; the server keeps serving."""
+    api, store, _ = server
+    conversation = new_conversation(api)
+    persona = httpx.post(f"{api}/personas", json={"name": "Old"}).json()["id"]
+    user = store.local_user().id
+    store.update_persona(user, persona, settings={"seed": 1.5})
+    store.update_conversation(user, conversation, persona_id=persona, settings={"max_tokens": "many"})
+    for response in (
+        httpx.post(f"{api}/conversations/{conversation}/reply", json={"content": "hi"}, timeout=60),
+        httpx.get(f"{api}/conversations/{conversation}/context"),
+    ):
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] in ("settings.seed", "settings.max_tokens")
+    fresh = new_conversation(api, settings={"max_tokens": 3})
+    assert send(api, fresh, content="still here?")[-1]["status"] == "complete"
 
 
 def test_models_and_the_context_meter(server) -> None:
