@@ -35,23 +35,22 @@ run: $(STAMP)
 # The store is tested on a real PostgreSQL server too (started by the tests on loopback). Install the
 # server when it is missing and we may (root, apt); otherwise those tests are skipped and say why.
 PG_STAMP := $(VENV)/.installed-postgresql
+# The stamp is written only once the server is there, so a failed install is tried again next time.
 $(PG_STAMP):
-	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then touch $(PG_STAMP); \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
-		|| echo "PostgreSQL could not be installed: its store tests will be skipped"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null \
+		&& touch $(PG_STAMP)) || echo "PostgreSQL could not be installed: its store tests will be skipped"; \
 	else echo "PostgreSQL is not installed and cannot be (not root): its store tests will be skipped"; fi
-	touch $(PG_STAMP)
 
 # The web UI is tested in Debian's chromium, driven by Playwright (never a downloaded browser).
 CHROMIUM_STAMP := $(VENV)/.installed-chromium
 $(CHROMIUM_STAMP):
-	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then touch $(CHROMIUM_STAMP); \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-		|| echo "chromium could not be installed: the browser tests will be skipped"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+		&& touch $(CHROMIUM_STAMP)) || echo "chromium could not be installed: the browser tests will be skipped"; \
 	else echo "chromium is not installed and cannot be (not root): the browser tests will be skipped"; fi
-	touch $(CHROMIUM_STAMP)
 
 test: $(DEV_STAMP) $(PG_STAMP) $(CHROMIUM_STAMP)
 	$(VENV)/bin/ruff check tertulia tests benchmarks docs

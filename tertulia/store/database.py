@@ -69,6 +69,10 @@ class Database:
         self.path = Path(parsed.database) if self.is_sqlite and parsed.database else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Conversations are private: the file (and the WAL files SQLite creates beside it with the
+            # same permissions) is readable by its owner only.
+            self.path.touch(mode=0o600, exist_ok=True)
+            self.path.chmod(0o600)
         self.engine: Engine = create_engine(self.url, pool_pre_ping=not self.is_sqlite)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_settings)

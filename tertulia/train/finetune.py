@@ -27,7 +27,7 @@ from tertulia.config import DEFAULT_MODEL
 from tertulia.errors import TertuliaError
 from tertulia.train.batches import TokenizedExample, tokenize
 from tertulia.train.loop import Distributed, History, Loop, Schedule, StepReport
-from tertulia.train.output import OUTPUT_FILES, RunFacts, write_model
+from tertulia.train.output import CHECKPOINT_FILES, OUTPUT_FILES, RunFacts, write_model
 
 Method = Literal["lora", "full"]
 # LoRA's small adapters take a much larger step than full training. On the default model and the
@@ -121,6 +121,11 @@ def check_output(out: Path, *, force: bool, resume: bool) -> None:
             hint += ", or --resume to continue the interrupted run there"
         raise TertuliaError(f"{out} already exists.", hint + ".")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES)
+    checkpoint = out / "checkpoint"
+    if checkpoint.is_dir():  # replaced whole too: what it holds must be ours as well
+        foreign += sorted(
+            f"checkpoint/{p.name}" for p in checkpoint.iterdir() if p.name not in CHECKPOINT_FILES
+        )
     if foreign:
         raise TertuliaError(
             f"{out} holds files a fine-tune does not write ({', '.join(foreign[:5])}): not replacing it.",

@@ -17,7 +17,7 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from torch import nn
 from tertulia.errors import TertuliaError
 from tertulia.train.batches import IGNORE, Batch, BatchPlan, TokenizedExample, collate, for_rank, plan
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: plain containers only, read with weights_only=True
 
 
 class AssistantLoss(nn.Module):
@@ -354,7 +354,7 @@ class Loop:
             "trainable": self._trainable(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "history": self.history,
+            "history": asdict(self.history),
             "best_loss": self.best_loss,
             "best_state": self.best_state,
             "bad_epochs": self.bad_epochs,
@@ -372,8 +372,8 @@ class Loop:
             "Start the run again without --resume (and with --force).",
         )
         try:
-            # Our own file, written by save(): it holds the History dataclass, hence not weights_only.
-            state = torch.load(self.checkpoint, weights_only=False, map_location=self.parallel.device)
+            # weights_only: a checkpoint is data; a file placed in --out must not be able to run code.
+            state = torch.load(self.checkpoint, weights_only=True, map_location=self.parallel.device)
         except Exception:
             raise unreadable from None
         if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
@@ -382,7 +382,7 @@ class Loop:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
-        self.global_step, self.history = state["global_step"], state["history"]
+        self.global_step, self.history = state["global_step"], History(**state["history"])
         self.best_loss, self.best_state = state["best_loss"], state["best_state"]
         self.bad_epochs, self.stopped_early = state["bad_epochs"], state["stopped_early"]
         torch.set_rng_state(state["rng"].cpu())

@@ -29,6 +29,7 @@ OUTPUT_FILES = {
     "checkpoint",
     ".writing",
 }
+CHECKPOINT_FILES = {"state.pt", "state.pt.partial", "run.json"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 

@@ -39,6 +39,19 @@ def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
         assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
 
 
+def test_the_sqlite_files_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    loose = tmp_path / "loose.db"
+    loose.touch(mode=0o644)
+    for path in (tmp_path / "new.db", loose):
+        database = Database(f"sqlite:///{path}")
+        database.migrate()
+        with database.engine.connect() as connection:  # WAL files exist while a connection is open
+            connection.execute(text("SELECT 1"))
+            files = [p for p in tmp_path.iterdir() if p.name.startswith(path.name)]
+            assert len(files) >= 2 and all(p.stat().st_mode & 0o077 == 0 for p in files), files
+        database.close()
+
+
 def test_an_sqlite_file_is_backed_up_before_it_is_migrated(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

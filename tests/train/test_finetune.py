@@ -131,12 +131,18 @@ def test_an_existing_output_is_replaced_only_with_force_and_never_with_foreign_f
     with pytest.raises(TertuliaError, match="notes.txt"):
         finetune(data, out, _settings(tiny_hf_dir, epochs=1), force=True)
     assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    (out / "checkpoint").mkdir()
+    (out / "checkpoint" / "thesis.tex").write_text("mine too")
+    with pytest.raises(TertuliaError, match="checkpoint/thesis.tex"):
+        finetune(data, out, _settings(tiny_hf_dir, epochs=1), force=True)
+    assert (out / "checkpoint" / "thesis.tex").read_text() == "mine too"
+    shutil.rmtree(out / "checkpoint")
     # A model directory that no fine-tune wrote (here: the base model itself) is never replaced.
     with pytest.raises(TertuliaError, match="not the output of a fine-tune"):
         finetune(data, tiny_hf_dir, _settings(tiny_hf_dir, epochs=1), force=True)
     assert (tiny_hf_dir / "model.safetensors").exists()
     # Nor is the model being trained, even when an earlier fine-tune wrote it.
-    (out / "notes.txt").unlink()
     with pytest.raises(TertuliaError, match="is the model being fine-tuned"):
         finetune(data, out, _settings(tiny_hf_dir, model=str(out), epochs=1), force=True)
     assert (out / "model.safetensors").exists()
@@ -144,6 +150,16 @@ def test_an_existing_output_is_replaced_only_with_force_and_never_with_foreign_f
         finetune(data, tmp_path / "other", _settings(tiny_hf_dir, method="qlora"))
     with pytest.raises(TertuliaError, match="no interrupted run"):
         finetune(data, tmp_path / "never", _settings(tiny_hf_dir), resume=True)
+
+
+class RunsCodeWhenLoaded:
+    """Pickles as a call to `exec` that writes `marker`: full unpickling would run it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
 
 
 def test_an_interrupted_run_resumes_to_exactly_the_weights_of_an_uninterrupted_one(
@@ -166,6 +182,11 @@ def test_an_interrupted_run_resumes_to_exactly_the_weights_of_an_uninterrupted_o
     (corrupt / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(TertuliaError, match="unreadable"):
         finetune(data, corrupt, Settings(), resume=True)
+    marker = tmp_path / "ran"
+    torch.save({"version": 2, "trap": RunsCodeWhenLoaded(marker)}, corrupt / "checkpoint" / "state.pt")
+    with pytest.raises(TertuliaError, match="unreadable"):
+        finetune(data, corrupt, Settings(), resume=True)
+    assert not marker.exists()  # a checkpoint is read as data: a planted file cannot run code
     (corrupt / "checkpoint" / "run.json").write_text("{")
     with pytest.raises(TertuliaError, match="cannot be resumed"):
         finetune(data, corrupt, Settings(), resume=True)
