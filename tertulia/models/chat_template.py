@@ -120,29 +120,73 @@ class ChatTemplate:
     def encode(
         self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True, **extra: Any
     ) -> list[int]:
-        """Token ids of the prompt; message text is always tokenized as plain text."""
+        """Token ids of the prompt; message text is always tokenized as plain text.
+
+        Two guards, because a template may do anything with the text it is given. Each message is
+        wrapped in markers, and the text between them is tokenized as plain text. And every control
+        string inside a message is swapped for a placeholder before rendering, turned back into plain
+        tokens afterwards: a template that slices the content (Qwen3's `content.split('</think>')[-1]`)
+        can cut a marker away, never a placeholder's meaning.
+        """
         nonce = secrets.token_hex(8)
         open_mark, close_mark = f"\ue000{nonce}\ue001", f"\ue002{nonce}\ue003"
+        controls = self.tokenizer.special_texts
+        hidden = _ControlHider(controls, nonce)
         wrapped = [
-            dict(m, content=f"{open_mark}{m['content']}{close_mark}")
+            dict(m, content=f"{open_mark}{hidden.hide(m['content'])}{close_mark}")
             if isinstance(m.get("content"), str)
             else m
             for m in messages
         ]
         text = self.render(wrapped, add_generation_prompt=add_generation_prompt, **extra)
         ids: list[int] = []
-        pattern = re.compile(re.escape(open_mark) + "(.*?)" + re.escape(close_mark), re.DOTALL)
+        # A span runs from an open marker to the next close marker with no open marker between: a
+        # template that dropped one message's close marker must not swallow the template text after it.
+        opening = re.escape(open_mark)
+        pattern = re.compile(f"{opening}((?:(?!{opening}).)*?){re.escape(close_mark)}", re.DOTALL)
 
         def template_text(part: str) -> list[int]:
-            # A template that slices content (e.g. `content.split('</think>')[-1]`) leaves a lone
-            # marker behind: drop it so the model never sees marker characters.
+            # A template that slices content leaves a lone marker behind: drop it so the model never
+            # sees marker characters. Placeholders found here came from messages: plain text.
             part = part.replace(open_mark, "").replace(close_mark, "")
-            return self.tokenizer.encode(part, allow_special=True)
+            out: list[int] = []
+            for piece, is_control in hidden.split(part):
+                out += self.tokenizer.encode(piece, allow_special=not is_control)
+            return out
 
         cursor = 0
         for match in pattern.finditer(text):
             ids += template_text(text[cursor : match.start()])
-            ids += self.tokenizer.encode(match.group(1))
+            ids += self.tokenizer.encode(hidden.reveal(match.group(1)))
             cursor = match.end()
         ids += template_text(text[cursor:])
         return ids
+
+
+class _ControlHider:
+    """Swaps control strings in message text for placeholders no template treats specially."""
+
+    def __init__(self, controls: list[str], nonce: str) -> None:
+        self.controls = controls
+        self.nonce = nonce
+        self._find = re.compile("|".join(re.escape(c) for c in sorted(controls, key=len, reverse=True)))
+        self._placeholder = re.compile(f"\ue004{nonce}([0-9a-f]+)\ue005")
+        self._debris = re.compile(f"[\ue004\ue005]|{nonce}")
+
+    def hide(self, text: str) -> str:
+        if not self.controls:
+            return text
+        return self._find.sub(lambda m: f"\ue004{self.nonce}{self.controls.index(m.group(0)):x}\ue005", text)
+
+    def reveal(self, text: str) -> str:
+        return self._placeholder.sub(lambda m: self.controls[int(m.group(1), 16)], text)
+
+    def split(self, text: str) -> list[tuple[str, bool]]:
+        """(piece, is a hidden control string) in order; a placeholder cut in half is dropped."""
+        pieces, cursor = [], 0
+        for match in self._placeholder.finditer(text):
+            pieces.append((self._debris.sub("", text[cursor : match.start()]), False))
+            pieces.append((self.controls[int(match.group(1), 16)], True))
+            cursor = match.end()
+        pieces.append((self._debris.sub("", text[cursor:]), False))
+        return [(piece, control) for piece, control in pieces if piece]

@@ -68,7 +68,10 @@ class Tokenizer:
         self.eos_token = eos_token
         self.add_bos = add_bos
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-        self.special_ids = {tid for tid, tok in backend.get_added_tokens_decoder().items() if tok.special}
+        added = backend.get_added_tokens_decoder().items()
+        self.special_ids = {tid for tid, tok in added if tok.special}
+        # The control strings (`<|im_start|>`...), which only a chat template's own text may produce.
+        self.special_texts = sorted({tok.content for _, tok in added if tok.special})
         self.bos_id = backend.token_to_id(bos_token) if bos_token else None
         self.eos_id = backend.token_to_id(eos_token) if eos_token else None
         self.token_bytes = self._token_bytes()
