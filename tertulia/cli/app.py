@@ -130,6 +130,18 @@ def serve(
             "per-user API keys. Without it, one local user and no login."
         ),
     ] = False,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            help="Also answer to this Host name, e.g. a reverse proxy's public name (repeatable; also "
+            "TERTULIA_ALLOWED_HOSTS, comma-separated). Default: loopback names and the bound address.",
+        ),
+    ] = None,
+    public_metrics: Annotated[
+        bool,
+        typer.Option(help="Leave /metrics open on a server with API keys or accounts (for a scraper)."),
+    ] = False,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health)."""
     from tertulia.cli.serve import run_server
@@ -146,6 +158,8 @@ def serve(
         kv_memory=kv_memory,
         database_url=database_url,
         auth=auth,
+        allow_hosts=allow_host or [],
+        public_metrics=public_metrics,
     )
 
 

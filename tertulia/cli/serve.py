@@ -30,6 +30,20 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def allowed_hosts(bind: str, extra: list[str]) -> frozenset[str]:
+    """The Host names to answer to: loopback's, the bound address, and any named by the operator
+    (`--allow-host`, TERTULIA_ALLOWED_HOSTS). Bound to every interface (0.0.0.0, ::), with no name
+    given, any name: such a server already requires API keys or accounts."""
+    from tertulia.server.limits import LOOPBACK_HOSTS
+
+    named = {h.strip() for h in extra} | {
+        h.strip() for h in os.environ.get("TERTULIA_ALLOWED_HOSTS", "").split(",") if h.strip()
+    }
+    if bind in ("0.0.0.0", "::", "") and not named:
+        return frozenset({"*"})
+    return frozenset(LOOPBACK_HOSTS | {bind} | named)
+
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -58,6 +72,8 @@ def run_server(
     kv_memory: str | None = None,
     database_url: str | None = None,
     auth: bool = False,
+    allow_hosts: list[str] | None = None,
+    public_metrics: bool = False,
 ) -> None:
     import uvicorn
 
@@ -103,7 +119,10 @@ def run_server(
         f"OpenAI-compatible API at http://{shown}:{port}/v1, docs at http://{shown}:{port}/docs",
         soft_wrap=True,
     )
-    app = create_app(served, api_keys=keys, max_queue=max_queue, store=store, auth=auth)
+    hosts = allowed_hosts(host, allow_hosts or [])
+    if "*" in hosts:
+        err.print("Answering to any host name; name the public ones with --allow-host.", style="dim")
+    app = create_app(served, api_keys=keys, max_queue=max_queue, store=store, auth=auth, allowed_hosts=hosts)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
     _serve(uvicorn.Server(config), next((m for m in served if isinstance(m, ServedModel)), None))
 

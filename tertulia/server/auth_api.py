@@ -61,6 +61,25 @@ def _bearer(request: Request) -> str | None:
     return header[7:].strip() if header.lower().startswith("bearer ") else None
 
 
+async def require_operator(request: Request) -> None:
+    """For what shows the server's workings (/metrics, /openapi.json): open on a server without keys
+    or accounts; otherwise a server API key, or any account (key or logged-in session), unless the
+    server was started with public metrics (then /metrics only is open)."""
+    state = request.app.state
+    if state.public_metrics and request.url.path == "/metrics":
+        return
+    if state.accounts is None and not state.api_keys:
+        return
+    secret = _bearer(request) or ""
+    if secret and any(hmac.compare_digest(secret, key) for key in state.api_keys):
+        return
+    if state.accounts is None:
+        raise APIError(
+            401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key"
+        )
+    await current_user(request)
+
+
 async def current_user(request: Request) -> User | None:
     """The account behind this request (None without --auth); 401/403 when it has none or fails CSRF."""
     accounts = request.app.state.accounts

@@ -104,3 +104,68 @@ def check_queue(pending: int, limit: int) -> None:
             type="rate_limit_error",
             code="server_busy",
         )
+
+
+# Names a server bound to loopback answers to: a page on another name that resolves to 127.0.0.1
+# (DNS rebinding) is refused, because its requests carry that other name in their Host header.
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def hostname(netloc: str) -> str:
+    """'example.com:8000' -> 'example.com', '[::1]:8000' -> '::1' (lower case)."""
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        return netloc[1 : netloc.find("]")] if "]" in netloc else netloc
+    return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
+
+
+class HostGuard:
+    """Answer only to the names the server was started for, and refuse cross-site writes.
+
+    - `Host` must name an allowed host (`*` allows any): a web page cannot rebind its own name to
+      this machine and read or change what is here (the attack class of Ollama's CVE-2024-28224).
+    - A request that changes something (not GET/HEAD/OPTIONS) and carries an `Origin` header (browsers
+      send it) must come from this same host, or from an allowed name: another site's page cannot
+      post to it. Programs such as the `openai` client send no Origin and are unaffected.
+
+    Behind a reverse proxy, allow the public name (`--allow-host`) or have the proxy pass `Host` on.
+    """
+
+    def __init__(self, app: ASGIApp, allowed_hosts: frozenset[str] = LOOPBACK_HOSTS) -> None:
+        self.app = app
+        self.allowed = frozenset(h.lower().strip("[]") for h in allowed_hosts)
+
+    def _allowed(self, name: str) -> bool:
+        return "*" in self.allowed or name in self.allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # /health answers whatever the name: load balancers probe it by address.
+        if scope["type"] != "http" or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "")
+        refusal = None
+        if not self._allowed(hostname(host)):
+            refusal = envelope(
+                400,
+                f"This server does not answer to the name '{hostname(host)}'. If it is yours (a reverse "
+                "proxy, another hostname), start the server with --allow-host for it.",
+                "invalid_request_error",
+                code="host_not_allowed",
+            )
+        elif scope["method"] not in _SAFE_METHODS and "origin" in headers:
+            origin = headers["origin"]
+            netloc = origin.split("://", 1)[1] if "://" in origin else ""
+            if not netloc or (netloc.lower() != host.lower() and not self._allowed(hostname(netloc))):
+                refusal = envelope(
+                    403,
+                    f"Requests from the page at {origin} may not change anything here.",
+                    "invalid_request_error",
+                    code="cross_origin_refused",
+                )
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

@@ -129,3 +129,13 @@ def test_per_user_api_keys_for_v1_and_api(site) -> None:
     with pytest.raises(openai.AuthenticationError):
         client.models.list()
     assert httpx.get(f"{url}/api/conversations", headers=headers).status_code == 401
+
+
+def test_metrics_and_the_schema_are_for_logged_in_users(site) -> None:
+    url, _ = site
+    for path in ("/metrics", "/openapi.json"):
+        assert httpx.get(f"{url}{path}").status_code == 401, path
+    httpx.post(f"{url}/api/auth/register", json={"name": "ana", "password": "correct horse"})
+    ana = browser(url, "ana", "correct horse")
+    for path in ("/metrics", "/openapi.json"):
+        assert ana.get(path).status_code == 200, path
