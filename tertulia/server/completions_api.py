@@ -19,6 +19,7 @@ from tertulia.server.errors import APIError
 from tertulia.server.limits import check_queue
 from tertulia.server.openai_api import (
     CLIENT_CLOSED,
+    event_stream,
     fingerprint,
     finish_reason,
     forward,
@@ -57,10 +58,7 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
-        events = _events(streams, model, completion_id, created, body)
-        return StreamingResponse(
-            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
+        return event_stream(_events(streams, model, completion_id, created, body))
     reply = await until_disconnected(request, _response(streams, model, completion_id, created, body))
     return JSONResponse(reply) if reply is not None else Response(status_code=CLIENT_CLOSED)
 

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -133,10 +134,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _chat_events(stream, model, completion_id, created, body, include_usage)
-        return StreamingResponse(
-            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
+        return event_stream(_chat_events(stream, model, completion_id, created, body, include_usage))
     reply = await until_disconnected(request, _chat_response(stream, model, completion_id, created, body))
     return JSONResponse(reply) if reply is not None else Response(status_code=CLIENT_CLOSED)
 
@@ -194,6 +192,45 @@ def _usage(stream: RequestStream) -> dict[str, int]:
 
 def sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+HEARTBEAT_SECONDS = 10.0
+
+
+async def with_heartbeat(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`events`, opened with an SSE comment (so headers and a first byte leave at once) and with
+    another whenever nothing was sent for HEARTBEAT_SECONDS: a request waiting in a long queue keeps
+    its client's read timeout from firing. Clients ignore comment lines."""
+    yield ": waiting for the model\n\n"
+    iterator = events.__aiter__()
+    pending = asyncio.ensure_future(iterator.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=HEARTBEAT_SECONDS)
+            if not done:
+                yield ": still waiting\n\n"
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            yield item
+            pending = asyncio.ensure_future(iterator.__anext__())
+    finally:
+        # Reached when the client leaves too, inside a cancelled scope: shielded, so that `events`
+        # is closed for certain and its own cleanup (saving a reply cut short) runs now.
+        pending.cancel()
+        with anyio.CancelScope(shield=True):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # raised already, if at all
+                await pending
+            await iterator.aclose()  # type: ignore[attr-defined]
+
+
+def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    """Server-sent events as every streaming route sends them."""
+    return StreamingResponse(
+        with_heartbeat(events), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
 
 
 async def _chat_events(

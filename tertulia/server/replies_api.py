@@ -16,7 +16,6 @@ stored the same way; its tokens are not counted here (prompt tokens and context 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from tertulia.server.conversations_api import (
     store_call,
 )
 from tertulia.server.errors import APIError
-from tertulia.server.openai_api import pick_model, served_models
+from tertulia.server.openai_api import event_stream, pick_model, served_models, sse
 from tertulia.store.conversations import Store
 from tertulia.store.schema import Conversation, Persona
 
@@ -260,21 +259,13 @@ async def reply(conversation_id: str, body: ReplyRequest, request: Request) -> S
         "dropped": source.dropped,
         "notice": source.notice,
     }
-    return StreamingResponse(
-        _events(request_store(request), source, answer.id, start),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
-    )
-
-
-def _sse(event: dict[str, Any]) -> str:
-    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+    return event_stream(_events(request_store(request), source, answer.id, start))
 
 
 async def _events(
     store: Store, source: ReplySource, message_id: str, start: dict[str, Any]
 ) -> AsyncIterator[str]:
-    yield _sse(start)
+    yield sse(start)
     pending: list[str] = []
     last_save = time.perf_counter()
     tokens, reported, first, last = 0, None, None, None
@@ -290,7 +281,7 @@ async def _events(
                 reported = piece.completion_tokens
             if piece.text:
                 pending.append(piece.text)
-                yield _sse({"type": "delta", "text": piece.text})
+                yield sse({"type": "delta", "text": piece.text})
             if pending and now - last_save >= SAVE_EVERY_SECONDS:
                 # Taken from `pending` before the await: if the client leaves meanwhile, the save
                 # still completes and the final one below must not repeat it.
@@ -311,7 +302,7 @@ async def _events(
         )
         tokens = reported if reported is not None else tokens
         store.finish(message_id, status, completion_tokens=tokens, tokens_per_second=speed)
-    yield _sse(
+    yield sse(
         {
             "type": "done",
             "status": status,

@@ -128,10 +128,24 @@ def generated_tokens(url: str) -> float:
     return 0.0
 
 
+def slowed(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Engine:
+    """10 ms more per step: a tiny model's long reply lasts long enough to be interrupted, on any CPU."""
+    step = engine.step
+
+    def slow_step() -> list:
+        time.sleep(0.01)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    return engine
+
+
 @pytest.mark.parametrize("route", ["chat/completions", "completions"])
-def test_a_client_that_leaves_a_whole_answer_frees_the_engine(make_tiny_model, route: str) -> None:
+def test_a_client_that_leaves_a_whole_answer_frees_the_engine(
+    make_tiny_model, route: str, monkeypatch
+) -> None:
     served = ServedModel(LocalProvider(Engine(make_tiny_model(max_position_embeddings=4096), max_batch=4)))
-    engine = served.provider.engine
+    engine = slowed(served.provider.engine, monkeypatch)
     no_end = {str(token): -100 for token in engine.stop_ids}
     body: dict = {
         "model": served.name,
@@ -169,3 +183,37 @@ def test_a_runaway_chat_template_fails_its_request_alone(make_tiny_model) -> Non
         response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
         assert response.status_code == 400 and "chat template" in response.json()["error"]["message"]
         assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_a_queued_stream_hears_from_the_server_while_it_waits(make_tiny_model, monkeypatch) -> None:
+    """One slot, taken by a long reply: the next streamed request waits its turn, and gets a first
+    byte at once and an SSE comment every HEARTBEAT_SECONDS, so a client's read timeout never fires."""
+    from tertulia.server import openai_api
+
+    monkeypatch.setattr(openai_api, "HEARTBEAT_SECONDS", 0.2)
+    served = ServedModel(LocalProvider(Engine(make_tiny_model(max_position_embeddings=4096), max_batch=1)))
+    engine = slowed(served.provider.engine, monkeypatch)
+    no_end = {str(token): -100 for token in engine.stop_ids}
+    long_body = {
+        "model": served.name,
+        "prompt": "Once",
+        "max_tokens": 3000,
+        "logit_bias": no_end,
+        "stream": True,
+    }
+    with (
+        running(create_app([served])) as url,
+        httpx.stream("POST", f"{url}/v1/completions", json=long_body, timeout=60) as first,
+    ):
+        # Kept in a variable: a discarded line iterator closes the response, and the server stops.
+        first_lines = first.iter_lines()
+        next(line for line in first_lines if line.startswith("data: "))  # it holds the slot
+        waiting = dict(long_body, max_tokens=2)
+        with httpx.stream("POST", f"{url}/v1/completions", json=waiting, timeout=2.0) as second:
+            comments = 0
+            for line in second.iter_lines():
+                assert not line.startswith("data: ")  # nothing generated yet: only comments
+                comments += line.startswith(":")
+                if comments >= 5:
+                    break
+            assert engine.waiting  # still queued behind the long reply, and heard from 5 times
