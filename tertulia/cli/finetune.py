@@ -52,6 +52,9 @@ def finetune(
     ] = 2,
     seed: Annotated[int, typer.Option(help="Seed of the data order and the adapters' initialisation.")] = 0,
     save_every: Annotated[float, typer.Option(help="Minutes between checkpoints within an epoch.")] = 5.0,
+    dedupe: Annotated[
+        bool, typer.Option(help="Drop repeated examples (by default a repeat is kept: it weighs more).")
+    ] = False,
     resume: Annotated[
         bool, typer.Option(help="Continue the interrupted run in --out, with its settings.")
     ] = False,
@@ -78,6 +81,7 @@ def finetune(
         patience=patience,
         seed=seed,
         save_every_minutes=save_every,
+        dedupe=dedupe,
     )
     main = os.environ.get("RANK", "0") == "0"  # under torchrun, one process speaks
     console = Console(highlight=False, quiet=not main)

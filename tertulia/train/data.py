@@ -148,8 +148,14 @@ def validate(
     path: Path | str,
     count_tokens: Callable[[list[Message]], int] | None = None,
     context: int | None = None,
+    *,
+    dedupe: bool = False,
 ) -> Report:
-    """Read a JSONL file and report every problem; with `count_tokens`, also what is too long."""
+    """Read a JSONL file and report every problem; with `count_tokens`, also what is too long.
+
+    A repeated example is a warning, and it is kept: repeating what matters is how people weight it
+    (OpenAI's own checks accept repeats). With `dedupe`, repeats are dropped instead.
+    """
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -191,9 +197,13 @@ def validate(
             continue
         key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
         if key in seen:
-            report.problems.append(Problem(number, "duplicate", f"The same example as line {seen[key]}."))
-            continue
-        seen[key] = number
+            action = "dropped (--dedupe)" if dedupe else "kept: it weighs twice (--dedupe drops repeats)"
+            report.problems.append(
+                Problem(number, "duplicate", f"The same example as line {seen[key]}; {action}.", "warning")
+            )
+            if dedupe:
+                continue
+        seen.setdefault(key, number)
         example = Example(number, messages, record)
         if count_tokens is not None:
             example.tokens = count_tokens(messages)

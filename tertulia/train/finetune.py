@@ -54,6 +54,7 @@ class Settings:
     patience: int = 2
     seed: int = 0
     save_every_minutes: float = 5.0
+    dedupe: bool = False  # drop repeated examples (kept by default: repeating weighs an example)
 
     @property
     def learning_rate(self) -> float:
@@ -141,11 +142,11 @@ def prepare(train_file: Path, settings: Settings, validation_file: Path | None =
     settings.check()
     name, directory = registry.model_directory(settings.model)
     text = registry.load_text_side(settings.model)
-    report = validate(train_file, text.count_chat, text.context)
+    report = validate(train_file, text.count_chat, text.context, dedupe=settings.dedupe)
     _raise_on_errors(train_file, report)
     examples = [e.messages for e in report.examples]
     if validation_file is not None:
-        held_report = validate(validation_file, text.count_chat, text.context)
+        held_report = validate(validation_file, text.count_chat, text.context, dedupe=settings.dedupe)
         _raise_on_errors(validation_file, held_report)
         held = [e.messages for e in held_report.examples]
     elif len(examples) >= 20:

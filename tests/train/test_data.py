@@ -55,7 +55,6 @@ BAD = [
         "no_assistant",
     ),
     (json.dumps(chat("Tell me everything. " * 3000, "ok")), "too_long"),
-    (json.dumps(GOOD[0]), "duplicate"),
     (
         json.dumps(
             {
@@ -95,6 +94,19 @@ def test_every_kind_of_error_is_found_on_its_line(tmp_path: Path, text_side) -> 
     assert {p.line for p in report.errors} == {line for line, _ in expected}  # nothing else flagged
     assert len(report.examples) == len(GOOD) and report.format == "chat" and not report.ok
     assert all(e.tokens and e.tokens < 100 for e in report.examples)
+
+
+def test_repeated_examples_are_kept_with_a_warning_or_dropped_with_dedupe(tmp_path: Path, text_side) -> None:
+    lines = [json.dumps(r) for r in GOOD] + [json.dumps(GOOD[0])] * 2
+    path = write(tmp_path, lines)
+    kept = validate(path, text_side.count_chat, text_side.context)
+    assert kept.ok and len(kept.examples) == len(GOOD) + 2
+    repeats = [p for p in kept.warnings if p.kind == "duplicate"]
+    assert [p.line for p in repeats] == [len(GOOD) + 1, len(GOOD) + 2]
+    assert all("line 1" in p.message and "--dedupe" in p.message for p in repeats)
+    dropped = validate(path, text_side.count_chat, text_side.context, dedupe=True)
+    assert dropped.ok and len(dropped.examples) == len(GOOD)
+    assert [p.kind for p in dropped.warnings].count("duplicate") == 2
 
 
 def test_warnings_for_missing_system_prompts_and_too_few_examples(tmp_path: Path, text_side) -> None:
