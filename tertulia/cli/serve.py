@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import secrets
 import signal
 import threading
 from typing import Any
@@ -95,8 +96,9 @@ def run_server(
     interrupted = store.close_interrupted()
     if interrupted:
         err.print(f"{interrupted} reply(ies) cut short by the last shutdown were kept, marked incomplete.")
+    setup_token = None
     if auth and not Accounts(store).has_accounts():
-        err.print("No account yet: the first to register (POST /api/auth/register) becomes the admin.")
+        setup_token = secrets.token_urlsafe(16)
     served: list[ServedModel | RemoteModel] = []
     for spec in models:
         if spec.startswith("remote:"):
@@ -119,6 +121,13 @@ def run_server(
         f"OpenAI-compatible API at http://{shown}:{port}/v1, docs at http://{shown}:{port}/docs",
         soft_wrap=True,
     )
+    if setup_token is not None:
+        err.print(
+            f"No account yet. Create the admin at http://{shown}:{port}/?setup={setup_token} "
+            "(this link works once; POST /api/auth/register with setup_token does the same).",
+            style="bold yellow",
+            soft_wrap=True,
+        )
     hosts = allowed_hosts(host, allow_hosts or [])
     if "*" in hosts:
         err.print("Answering to any host name; name the public ones with --allow-host.", style="dim")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from tertulia.server import (  # noqa: F401  (completions routes register on imp
 )
 from tertulia.server.limits import LOOPBACK_HOSTS, BodyLimit, GuardMiddleware, HostGuard
 from tertulia.server.metrics import CONTENT_TYPE, Metrics
+from tertulia.server.throttle import LoginThrottle
 from tertulia.store.accounts import Accounts
 from tertulia.store.conversations import Store
 
@@ -40,13 +42,15 @@ def create_app(
     auth: bool = False,
     allowed_hosts: frozenset[str] = LOOPBACK_HOSTS,
     public_metrics: bool = False,
+    setup_token: str | None = None,
 ) -> FastAPI:
     """`api_keys`: when given, every /v1 route needs one (as a Bearer token); /health stays open.
     `max_queue`: requests in progress per model beyond which new ones get 429 + Retry-After.
     `store`: where conversations are kept (opened and migrated by the caller).
     `auth`: accounts (login, per-user API keys) instead of a single local user; needs `store`.
     `allowed_hosts`: the names in the Host header the server answers to ("*": any; see HostGuard).
-    `public_metrics`: /metrics open even with keys or accounts (else it takes a key or a login)."""
+    `public_metrics`: /metrics open even with keys or accounts (else it takes a key or a login).
+    `setup_token`: with accounts and none made yet, what the first registration (the admin) needs."""
     if auth and store is None:
         raise ValueError("accounts need a store")
     accounts = Accounts(store) if auth and store is not None else None
@@ -81,6 +85,9 @@ def create_app(
     app.state.public_metrics = public_metrics
     app.state.store = store
     app.state.accounts = accounts
+    app.state.setup_token = setup_token
+    app.state.setup_lock = asyncio.Lock()
+    app.state.login_throttle = LoginThrottle()
     app.state.metrics = Metrics()
     for model in models:
         if isinstance(model, ServedModel):

@@ -3,8 +3,10 @@
 With --auth, a browser logs in and gets an HttpOnly, SameSite=Strict session cookie; every request that
 changes something must also send the session's CSRF token in `X-CSRF-Token`, which a page on another
 site cannot read. Programs use per-user API keys (`Authorization: Bearer tt-...`) on /v1 and /api.
-Registration is open only until the first account exists (it becomes the admin); after that, an
-admin creates accounts.
+The first account, the admin, is made by whoever holds the one-time setup token `tertulia serve`
+prints (the server's operator), not by the first visitor; the token is consumed atomically, so two
+registrations racing for it make one admin. After that, an admin creates accounts. Logins are
+throttled (see throttle.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tertulia.errors import TertuliaError
 from tertulia.server.errors import APIError
+from tertulia.server.throttle import LoginThrottle, hashing
 from tertulia.store.accounts import SESSION_DAYS, Accounts
 from tertulia.store.conversations import Store
 from tertulia.store.schema import ApiKey, User
@@ -33,6 +36,10 @@ class Credentials(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Annotated[str, Field(min_length=1, max_length=200)]
     password: Annotated[str, Field(max_length=1024)]
+
+
+class Registration(Credentials):
+    setup_token: Annotated[str, Field(max_length=200)] | None = None  # the first account only
 
 
 class KeyRequest(BaseModel):
@@ -143,24 +150,52 @@ async def me(request: Request) -> dict[str, Any]:
 
 
 @router.post("/auth/register", status_code=201)
-async def register(body: Credentials, request: Request) -> dict[str, Any]:
+async def register(body: Registration, request: Request) -> dict[str, Any]:
     accounts = _accounts(request)
     if await asyncio.to_thread(accounts.has_accounts):
         caller = await current_user(request)
         if caller is None or not caller.is_admin:
             raise APIError(403, "Only an admin can create accounts.", type="permission_error")
+        return user_json(await _create(accounts, body))
+    async with request.app.state.setup_lock:  # one registration at a time may spend the token
+        expected = request.app.state.setup_token
+        if expected is None or not hmac.compare_digest(body.setup_token or "", expected):
+            raise APIError(
+                403,
+                "The first account is the admin: open the setup link `tertulia serve` printed.",
+                type="permission_error",
+                code="setup_token_required",
+            )
+        user = await _create(accounts, body)
+        request.app.state.setup_token = None  # spent
+    return user_json(user)
+
+
+async def _create(accounts: Accounts, body: Credentials) -> User:
     try:
-        user = await asyncio.to_thread(accounts.create, body.name, body.password)
+        return await hashing(accounts.create, body.name, body.password)
     except TertuliaError as exc:
         raise APIError(400, str(exc)) from None
-    return user_json(user)
 
 
 @router.post("/auth/login")
 async def login(body: Credentials, request: Request) -> JSONResponse:
-    found = await asyncio.to_thread(_accounts(request).login, body.name, body.password)
+    throttle: LoginThrottle = request.app.state.login_throttle
+    address = request.client.host if request.client else "unknown"
+    wait = throttle.retry_after(body.name, address)
+    if wait:
+        raise APIError(
+            429,
+            f"Too many login attempts. Try again in {wait} s.",
+            type="rate_limit_error",
+            code="login_throttled",
+            retry_after=wait,
+        )
+    found = await hashing(_accounts(request).login, body.name, body.password)
     if found is None:
+        throttle.failed(body.name)
         raise APIError(401, "Wrong user name or password.", code="invalid_credentials")
+    throttle.succeeded(body.name)
     response = JSONResponse({"user": user_json(found.user), "csrf_token": found.csrf_token})
     response.set_cookie(
         COOKIE,

@@ -24,9 +24,11 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        retry_after: int = 1,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after = retry_after  # seconds, sent with a 429
 
 
 def envelope(
@@ -51,7 +53,7 @@ def install(app: FastAPI) -> None:
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
         response = envelope(exc.status, exc.message, exc.type, exc.param, exc.code)
         if exc.status == 429:
-            response.headers["Retry-After"] = "1"
+            response.headers["Retry-After"] = str(exc.retry_after)
         return response
 
     @app.exception_handler(UpstreamError)

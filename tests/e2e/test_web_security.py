@@ -101,7 +101,7 @@ def test_a_persona_name_with_markup_is_shown_as_text(page, web) -> None:
 def auth_site(make_tiny_model, tmp_path: Path) -> Iterator[str]:
     served = ServedModel(LocalProvider(Engine(make_tiny_model(max_position_embeddings=2048), max_batch=4)))
     store = Store(open_store(f"sqlite:///{tmp_path / 'accounts.db'}"))
-    with running(create_app([served], store=store, auth=True)) as url:
+    with running(create_app([served], store=store, auth=True, setup_token="setup-123")) as url:
         yield url
 
 
@@ -119,8 +119,8 @@ def test_with_auth_one_user_cannot_open_anothers_conversation(browser, auth_site
     url = auth_site
     ana_context, bob_context = browser.new_context(), browser.new_context()
     ana, bob = ana_context.new_page(), bob_context.new_page()
-    # The first account registers from the login dialog and becomes the admin.
-    ana.goto(url)
+    # The operator opens the setup link the server printed, and registers the admin there.
+    ana.goto(f"{url}/?setup=setup-123")
     ana.wait_for_selector("#login-dialog[open]")
     assert ana.locator("#first-account").is_visible()
     ana.fill("#login-form [name=name]", "ana")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -11,17 +12,21 @@ import pytest
 
 from tertulia.engine.engine import Engine
 from tertulia.providers.local import LocalProvider, ServedModel
+from tertulia.server import throttle
 from tertulia.server.app import create_app
 from tertulia.store.conversations import Store
 from tertulia.store.database import open_store
 from tests.server.conftest import running
+
+SETUP = "operator-setup-token"
+FIRST = {"name": "ana", "password": "correct horse", "setup_token": SETUP}
 
 
 @pytest.fixture
 def site(make_tiny_model, tmp_path: Path) -> Iterator[tuple[str, Store]]:
     served = ServedModel(LocalProvider(Engine(make_tiny_model(max_position_embeddings=2048), max_batch=2)))
     store = Store(open_store(f"sqlite:///{tmp_path / 'chats.db'}"))
-    with running(create_app([served], store=store, auth=True)) as url:
+    with running(create_app([served], store=store, auth=True, setup_token=SETUP)) as url:
         yield url, store
 
 
@@ -38,7 +43,11 @@ def test_first_account_is_admin_and_only_an_admin_adds_accounts(site) -> None:
     url, store = site
     # A logged-out page learns that it must log in, and that registration is open (no account yet).
     assert httpx.get(f"{url}/api/auth/me").json() == {"auth": True, "user": None, "first_account": True}
-    first = httpx.post(f"{url}/api/auth/register", json={"name": "ana", "password": "correct horse"})
+    # The first visitor is not the admin: the operator's one-time setup token is.
+    for token in (None, "guess", SETUP[:-1]):
+        stranger = httpx.post(f"{url}/api/auth/register", json=dict(FIRST, name="eve", setup_token=token))
+        assert stranger.status_code == 403 and stranger.json()["error"]["code"] == "setup_token_required"
+    first = httpx.post(f"{url}/api/auth/register", json=FIRST)
     assert first.status_code == 201 and first.json()["is_admin"] is True
     assert store.user_by_name("ana").password_hash.startswith("$argon2id$")
     assert httpx.get(f"{url}/api/auth/me").json()["first_account"] is False
@@ -55,7 +64,7 @@ def test_first_account_is_admin_and_only_an_admin_adds_accounts(site) -> None:
 
 def test_login_cookie_csrf_and_logout(site) -> None:
     url, _ = site
-    httpx.post(f"{url}/api/auth/register", json={"name": "ana", "password": "correct horse"})
+    httpx.post(f"{url}/api/auth/register", json=FIRST)
     assert httpx.get(f"{url}/api/conversations").status_code == 401
     wrong = httpx.post(f"{url}/api/auth/login", json={"name": "ana", "password": "wrong horse"})
     assert wrong.status_code == 401
@@ -82,7 +91,7 @@ def test_login_cookie_csrf_and_logout(site) -> None:
 
 def test_one_account_never_reaches_another_accounts_conversation(site) -> None:
     url, _ = site
-    httpx.post(f"{url}/api/auth/register", json={"name": "ana", "password": "correct horse"})
+    httpx.post(f"{url}/api/auth/register", json=FIRST)
     ana = browser(url, "ana", "correct horse")
     ana.post("/api/auth/register", json={"name": "bruno", "password": "another pass"})
     bruno = browser(url, "bruno", "another pass")
@@ -111,7 +120,7 @@ def test_one_account_never_reaches_another_accounts_conversation(site) -> None:
 
 def test_per_user_api_keys_for_v1_and_api(site) -> None:
     url, _ = site
-    httpx.post(f"{url}/api/auth/register", json={"name": "ana", "password": "correct horse"})
+    httpx.post(f"{url}/api/auth/register", json=FIRST)
     ana = browser(url, "ana", "correct horse")
     created = ana.post("/api/keys", json={"name": "laptop"}).json()
     secret = created["key"]
@@ -135,7 +144,58 @@ def test_metrics_and_the_schema_are_for_logged_in_users(site) -> None:
     url, _ = site
     for path in ("/metrics", "/openapi.json"):
         assert httpx.get(f"{url}{path}").status_code == 401, path
-    httpx.post(f"{url}/api/auth/register", json={"name": "ana", "password": "correct horse"})
+    httpx.post(f"{url}/api/auth/register", json=FIRST)
     ana = browser(url, "ana", "correct horse")
     for path in ("/metrics", "/openapi.json"):
         assert ana.get(path).status_code == 200, path
+
+
+def test_two_racing_first_registrations_make_one_admin(make_tiny_model, tmp_path: Path) -> None:
+    served = ServedModel(LocalProvider(Engine(make_tiny_model(), max_batch=2)))
+    store = Store(open_store(f"sqlite:///{tmp_path / 'race.db'}"))
+    with running(create_app([served], store=store, auth=True, setup_token=SETUP)) as url:
+
+        def register(name: str) -> int:
+            body = dict(FIRST, name=name)
+            return httpx.post(f"{url}/api/auth/register", json=body, timeout=60).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(register, [f"user{i}" for i in range(8)]))
+    assert sorted(statuses) == [201] + [403] * 7
+    assert sum(store.user_by_name(f"user{i}") is not None for i in range(8)) == 1
+
+
+def test_password_guessing_is_throttled(site) -> None:
+    url, _ = site
+    httpx.post(f"{url}/api/auth/register", json=FIRST)
+    wrong = {"name": "ana", "password": "not the password"}
+    answers = [
+        httpx.post(f"{url}/api/auth/login", json=wrong) for _ in range(throttle.FAILURES_PER_ACCOUNT + 1)
+    ]
+    assert [a.status_code for a in answers] == [401] * throttle.FAILURES_PER_ACCOUNT + [429]
+    assert 1 <= int(answers[-1].headers["retry-after"]) <= throttle.WINDOW_SECONDS
+    assert answers[-1].json()["error"]["code"] == "login_throttled"
+    # Even the right password waits: a guesser must not learn it was right.
+    assert httpx.post(f"{url}/api/auth/login", json=FIRST | {"setup_token": None}).status_code in (
+        422,
+        400,
+        429,
+    )
+    right = {"name": "ana", "password": "correct horse"}
+    assert httpx.post(f"{url}/api/auth/login", json=right).status_code == 429
+
+
+def test_the_throttle_windows() -> None:
+    now = [0.0]
+    limits = throttle.LoginThrottle(clock=lambda: now[0])
+    for _ in range(throttle.FAILURES_PER_ACCOUNT):
+        assert limits.retry_after("Ana", "10.0.0.1") == 0
+        limits.failed("ana ")
+    assert limits.retry_after("ana", "10.0.0.2") == throttle.WINDOW_SECONDS  # by name, any address
+    assert limits.retry_after("bruno", "10.0.0.1") == 0  # another account from the same address
+    now[0] = throttle.WINDOW_SECONDS + 0.5
+    assert limits.retry_after("ana", "10.0.0.1") == 0  # the window slid past the failures
+    limits.succeeded("ana")
+    for i in range(throttle.ATTEMPTS_PER_ADDRESS):
+        assert limits.retry_after(f"name{i}", "10.0.0.9") == 0
+    assert limits.retry_after("one more", "10.0.0.9") > 0  # one address, many names

@@ -265,7 +265,12 @@ export function login(firstAccount) {
       event.preventDefault();
       const credentials = { name: form.elements.name.value, password: form.elements.password.value };
       try {
-        if (firstAccount) await api("POST", "/api/auth/register", credentials);
+        if (firstAccount) {
+          // The operator's one-time setup link (printed by `tertulia serve`) carries the token.
+          const setupToken = new URLSearchParams(location.search).get("setup");
+          await api("POST", "/api/auth/register", { ...credentials, setup_token: setupToken });
+          history.replaceState(null, "", location.pathname);
+        }
         const session = await api("POST", "/api/auth/login", credentials);
         dialog.close();
         resolve(session);
