@@ -123,7 +123,7 @@ async def request_user(request: Request) -> str:
 
 
 def user_json(user: User) -> dict[str, Any]:
-    return {"id": user.id, "name": user.name, "is_admin": user.is_admin}
+    return {"id": user.id, "name": user.name, "is_admin": user.is_admin, "disabled": user.disabled}
 
 
 def key_json(key: ApiKey) -> dict[str, Any]:
@@ -218,6 +218,81 @@ async def logout(request: Request) -> Response:
     response = Response(status_code=204)
     response.delete_cookie(COOKIE, path="/")
     return response
+
+
+class PasswordChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    current: Annotated[str, Field(max_length=1024)]
+    new: Annotated[str, Field(max_length=1024)]
+
+
+async def _logged_in(request: Request) -> User:
+    user = await current_user(request)
+    if user is None:
+        raise APIError(
+            404, "Accounts are off: start the server with --auth to use them.", type="not_found_error"
+        )
+    return user
+
+
+async def _admin(request: Request) -> User:
+    user = await _logged_in(request)
+    if not user.is_admin:
+        raise APIError(403, "Only an admin can do this.", type="permission_error")
+    return user
+
+
+@router.post("/auth/password", status_code=204)
+async def change_password(body: PasswordChange, request: Request) -> Response:
+    """Set a new password; every session ends (this browser's too): log in again everywhere."""
+    user = await _logged_in(request)
+    try:
+        await hashing(_accounts(request).change_password, user.id, body.current, body.new)
+    except TertuliaError as exc:
+        raise APIError(400, str(exc), param="current" if "current" in str(exc) else "new") from None
+    response = Response(status_code=204)
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+@router.post("/auth/logout-everywhere", status_code=204)
+async def logout_everywhere(request: Request) -> Response:
+    """End every session of this account (a lost laptop, a shared computer); API keys stay."""
+    user = await _logged_in(request)
+    await asyncio.to_thread(_accounts(request).logout_everywhere, user.id)
+    response = Response(status_code=204)
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+@router.get("/users")
+async def list_users(request: Request) -> list[dict[str, Any]]:
+    await _admin(request)
+    users = await asyncio.to_thread(_accounts(request).users)
+    return [user_json(u) for u in users]
+
+
+@router.post("/users/{user_id}/disable")
+async def disable_user(user_id: str, request: Request) -> dict[str, Any]:
+    """An admin disables an account: its sessions end, its keys and logins stop working; its
+    conversations stay (enable it again with /enable)."""
+    return await _set_disabled(request, user_id, True)
+
+
+@router.post("/users/{user_id}/enable")
+async def enable_user(user_id: str, request: Request) -> dict[str, Any]:
+    return await _set_disabled(request, user_id, False)
+
+
+async def _set_disabled(request: Request, user_id: str, disabled: bool) -> dict[str, Any]:
+    await _admin(request)
+    try:
+        user = await asyncio.to_thread(_accounts(request).set_disabled, user_id, disabled)
+    except TertuliaError as exc:
+        raise APIError(400, str(exc)) from None
+    if user is None:
+        raise APIError(404, "No such account.", type="not_found_error")
+    return user_json(user)
 
 
 @router.get("/keys")

@@ -14,7 +14,7 @@ from datetime import timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 
 from tertulia.errors import TertuliaError
 from tertulia.store.conversations import Store
@@ -61,7 +61,7 @@ class Accounts:
     def login(self, name: str, password: str) -> Login | None:
         user = self.store.user_by_name(name.strip())
         try:
-            if user is None or user.password_hash is None:
+            if user is None or user.password_hash is None or user.disabled:
                 _hasher.hash(password)  # same work as a real check: timing does not reveal names
                 return None
             _hasher.verify(user.password_hash, password)
@@ -91,11 +91,58 @@ class Accounts:
             if expires < now():
                 s.delete(session)
                 return None
-            return s.get(User, session.user_id), session.csrf_token  # type: ignore[return-value]
+            user = s.get(User, session.user_id)
+            if user is None or user.disabled:
+                return None
+            return user, session.csrf_token
 
     def logout(self, token: str) -> None:
         with self.db.session() as s:
             s.execute(delete(LoginSession).where(LoginSession.id == _digest(token)))
+
+    def logout_everywhere(self, user_id: str) -> int:
+        """End every session of the user (all browsers); returns how many there were."""
+        with self.db.session() as s:
+            return s.execute(delete(LoginSession).where(LoginSession.user_id == user_id)).rowcount
+
+    def change_password(self, user_id: str, current: str, new: str) -> None:
+        """Check the current password, set the new one, and end every session (log in again)."""
+        if len(new) < MIN_PASSWORD:
+            raise TertuliaError(f"A password needs at least {MIN_PASSWORD} characters.")
+        with self.db.session() as s:
+            user = s.get(User, user_id)
+            try:
+                if user is None or user.password_hash is None:
+                    raise VerificationError
+                _hasher.verify(user.password_hash, current)
+            except (VerificationError, InvalidHashError):
+                raise TertuliaError("The current password is wrong.") from None
+            user.password_hash = _hasher.hash(new)
+            s.execute(delete(LoginSession).where(LoginSession.user_id == user_id))
+
+    def set_disabled(self, user_id: str, disabled: bool) -> User | None:
+        """Disable (or enable again) an account; disabling ends its sessions. Its keys stop working
+        while it is disabled. The last enabled admin cannot be disabled."""
+        with self.db.session() as s:
+            user = s.get(User, user_id)
+            if user is None or user.password_hash is None:
+                return None
+            if disabled and user.is_admin:
+                admins = s.scalar(
+                    select(func.count()).select_from(User).where(User.is_admin, User.disabled.is_(False))
+                )
+                if admins <= 1:
+                    raise TertuliaError("This is the only admin: make another admin first.")
+            user.disabled = disabled
+            if disabled:
+                s.execute(delete(LoginSession).where(LoginSession.user_id == user_id))
+            return user
+
+    def users(self) -> list[User]:
+        with self.db.session() as s:
+            return list(
+                s.scalars(select(User).where(User.password_hash.is_not(None)).order_by(User.created_at))
+            )
 
     # --- API keys -----------------------------------------------------------------------------
     def create_key(self, user_id: str, name: str) -> tuple[ApiKey, str]:
@@ -124,4 +171,5 @@ class Accounts:
             return None
         with self.db.session() as s:
             key = s.scalar(select(ApiKey).where(ApiKey.key_hash == _digest(secret)))
-            return s.get(User, key.user_id) if key is not None else None
+            user = s.get(User, key.user_id) if key is not None else None
+            return user if user is not None and not user.disabled else None

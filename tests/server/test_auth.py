@@ -199,3 +199,58 @@ def test_the_throttle_windows() -> None:
     for i in range(throttle.ATTEMPTS_PER_ADDRESS):
         assert limits.retry_after(f"name{i}", "10.0.0.9") == 0
     assert limits.retry_after("one more", "10.0.0.9") > 0  # one address, many names
+
+
+def test_change_password_and_log_out_everywhere(site) -> None:
+    url, _ = site
+    httpx.post(f"{url}/api/auth/register", json=FIRST)
+    laptop, phone = browser(url, "ana", "correct horse"), browser(url, "ana", "correct horse")
+    key = laptop.post("/api/keys", json={"name": "script"}).json()["key"]
+    wrong = laptop.post("/api/auth/password", json={"current": "nope", "new": "a new password"})
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "current"
+    short = laptop.post("/api/auth/password", json={"current": "correct horse", "new": "short"})
+    assert short.status_code == 400 and "at least 8" in short.json()["error"]["message"]
+    assert (
+        laptop.post(
+            "/api/auth/password", json={"current": "correct horse", "new": "a new password"}
+        ).status_code
+        == 204
+    )
+    for client in (laptop, phone):  # every session ended
+        assert client.get("/api/conversations").status_code == 401
+    assert (
+        httpx.post(f"{url}/api/auth/login", json={"name": "ana", "password": "correct horse"}).status_code
+        == 401
+    )
+    tablet, desktop = browser(url, "ana", "a new password"), browser(url, "ana", "a new password")
+    assert tablet.post("/api/auth/logout-everywhere").status_code == 204
+    assert desktop.get("/api/conversations").status_code == 401
+    # Keys are not sessions: a script keeps working until its key is revoked.
+    assert (
+        httpx.get(f"{url}/api/conversations", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    )
+
+
+def test_an_admin_disables_and_enables_an_account(site) -> None:
+    url, _ = site
+    httpx.post(f"{url}/api/auth/register", json=FIRST)
+    ana = browser(url, "ana", "correct horse")
+    bruno_id = ana.post("/api/auth/register", json={"name": "bruno", "password": "another pass"}).json()["id"]
+    bruno = browser(url, "bruno", "another pass")
+    key = bruno.post("/api/keys", json={"name": "k"}).json()["key"]
+    bearer = {"Authorization": f"Bearer {key}"}
+    assert bruno.post(f"/api/users/{bruno_id}/disable").status_code == 403  # not an admin
+    assert bruno.get("/api/users").status_code == 403
+    disabled = ana.post(f"/api/users/{bruno_id}/disable")
+    assert disabled.status_code == 200 and disabled.json()["disabled"] is True
+    assert bruno.get("/api/conversations").status_code == 401  # the session ended
+    assert httpx.get(f"{url}/api/conversations", headers=bearer).status_code == 401  # the key too
+    login = httpx.post(f"{url}/api/auth/login", json={"name": "bruno", "password": "another pass"})
+    assert login.status_code == 401
+    ana_id = ana.get("/api/auth/me").json()["user"]["id"]
+    only_admin = ana.post(f"/api/users/{ana_id}/disable")
+    assert only_admin.status_code == 400 and "only admin" in only_admin.json()["error"]["message"]
+    assert {u["name"]: u["disabled"] for u in ana.get("/api/users").json()} == {"ana": False, "bruno": True}
+    assert ana.post(f"/api/users/{bruno_id}/enable").json()["disabled"] is False
+    assert httpx.get(f"{url}/api/conversations", headers=bearer).status_code == 200
+    assert ana.post(f"/api/users/{'0' * 32}/disable").status_code == 404

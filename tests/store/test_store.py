@@ -25,7 +25,7 @@ from tertulia.store.schema import Base, Feedback, Message
 
 
 def test_migrations_build_exactly_the_schema_of_the_models(database: Database) -> None:
-    assert database.revision() == database.head() == "0002"
+    assert database.revision() == database.head() == "0003"
     with database.engine.connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     assert differences == []
@@ -61,9 +61,9 @@ def test_an_sqlite_file_is_backed_up_before_it_is_migrated(
     user = store.local_user()
     conversation = store.create_conversation(user.id)
     store.add_message(user.id, conversation.id, "user", "keep me")
-    monkeypatch.setattr(Database, "head", lambda self: "0003")  # as if a newer release shipped
+    monkeypatch.setattr(Database, "head", lambda self: "0004")  # as if a newer release shipped
     backup = database.migrate()
-    assert backup is not None and backup.name.startswith("chats.db.0002.")
+    assert backup is not None and backup.name.startswith("chats.db.0003.")
     with sqlite3.connect(backup) as copy:
         assert copy.execute("SELECT content FROM messages").fetchall() == [("keep me",)]
 
@@ -298,15 +298,15 @@ def test_a_real_upgrade_keeps_the_data_and_backs_up_sqlite(database: Database) -
     """From the first schema to the latest, with a conversation in it."""
     from alembic import command
 
-    config = database._alembic()
-    with database.engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.downgrade(config, "0001")
-    assert database.revision() == "0001"
     store = Store(database)
     user = store.local_user().id
     conversation = store.create_conversation(user).id
     store.add_message(user, conversation, "user", "still here")
+    config = database._alembic()
+    with database.engine.begin() as connection:  # back to the first schema, the data in it
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0001")
+    assert database.revision() == "0001"
     backup = database.migrate()
     assert database.revision() == database.head()
     assert [t.message.content for t in store.path(user, conversation)] == ["still here"]
