@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from tertulia.store.database import Database
 from tests.answers import PARIS_QUESTIONS, assert_mostly
 from tests.server.conftest import free_port, wait_until_serving
 
@@ -46,7 +47,8 @@ def test_serve_answers_with_a_key_and_stops_on_sigterm(embedded_dir, tmp_path) -
         wait_until_serving(process, url)
         # The store was opened and migrated on start.
         with sqlite3.connect(database) as connection:
-            assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
+            revision = connection.execute("SELECT version_num FROM alembic_version").fetchall()
+        assert revision == [(Database(f"sqlite:///{tmp_path / 'other.db'}").head(),)]
         assert httpx.get(f"{url}/v1/models").status_code == 401
         # The chat site is served by the same process, with every asset it needs.
         page = httpx.get(f"{url}/")
