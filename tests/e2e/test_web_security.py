@@ -179,6 +179,48 @@ def test_with_auth_one_user_cannot_open_anothers_conversation(browser, auth_site
     bob_context.close()
 
 
+def test_the_account_dialog_changes_the_password_and_disables_users(browser, auth_site: str) -> None:
+    url = auth_site
+    httpx.post(
+        f"{url}/api/auth/register",
+        json={"name": "ana", "password": "correct horse battery", "setup_token": "setup-123"},
+    )
+    ana_context, bob_context = browser.new_context(), browser.new_context()
+    ana, bob = ana_context.new_page(), bob_context.new_page()
+    log_in(ana, url, "ana", "correct horse battery")
+    ana.click("#open-account")
+    ana.fill("#create-user [name=name]", "bob")
+    ana.fill("#create-user [name=password]", "another good password")
+    ana.click("#create-user button")
+    ana.wait_for_selector("#user-list li[data-user='bob']")
+    log_in(bob, url, "bob", "another good password")
+    # The admin disables Bob: his open page loses its session.
+    ana.click("#user-list li[data-user='bob'] button")
+    ana.wait_for_selector("#user-list li[data-user='bob'].disabled")
+    assert bob.evaluate("async () => (await fetch('/api/conversations')).status") == 401
+    ana.click("#user-list li[data-user='bob'] button")  # enabled again
+    ana.wait_for_selector("#user-list li[data-user='bob']:not(.disabled)")
+    # Bob changes his password from his own dialog; he is sent back to the login form.
+    log_in(bob, url, "bob", "another good password")
+    assert bob.locator("#user-admin").is_hidden()
+    bob.click("#open-account")
+    assert bob.locator("#user-admin").is_hidden()
+    bob.fill("#change-password [name=current]", "another good password")
+    bob.fill("#change-password [name=new]", "a brand new secret")
+    bob.click("#change-password button")
+    bob.wait_for_selector("#login-dialog[open]")
+    log_in(bob, url, "bob", "a brand new secret")
+    # Log out everywhere ends the other browser's session too.
+    other = bob_context.browser.new_context().new_page()
+    log_in(other, url, "bob", "a brand new secret")
+    bob.click("#open-account")
+    bob.click("#logout-everywhere")
+    bob.wait_for_selector("#login-dialog[open]")
+    assert other.evaluate("async () => (await fetch('/api/conversations')).status") == 401
+    ana_context.close()
+    bob_context.close()
+
+
 def test_a_server_with_api_keys_asks_the_page_for_one(browser, make_tiny_model, tmp_path: Path) -> None:
     served = ServedModel(LocalProvider(Engine(make_tiny_model(max_position_embeddings=2048), max_batch=2)))
     store = Store(open_store(f"sqlite:///{tmp_path / 'keys.db'}"))

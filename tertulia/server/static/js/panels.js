@@ -213,14 +213,48 @@ async function renderKeys() {
   );
 }
 
+/** The admin's list of accounts, each with a button to disable it (or enable it again). */
+async function renderUsers() {
+  const users = await api("GET", "/api/users");
+  $("#user-list").replaceChildren(
+    ...users.map((user) => {
+      const toggle = el("button", { type: "button", class: user.disabled ? "small" : "small danger" },
+        t(user.disabled ? "enable" : "disable"));
+      toggle.addEventListener("click", async () => {
+        await api("POST", `/api/users/${user.id}/${user.disabled ? "enable" : "disable"}`).catch(showError);
+        renderUsers().catch(showError);
+      });
+      const self = state.user && state.user.id === user.id;
+      return el("li", { "data-user": user.name, class: user.disabled ? "disabled" : "" },
+        `${user.name}${user.is_admin ? " (admin)" : ""} `, self ? "" : toggle);
+    }),
+  );
+}
+
 function installAccount() {
   const dialog = $("#account-dialog");
   $("#open-account").addEventListener("click", async () => {
     $("#account-name").textContent = state.user ? state.user.name : "";
-    $("#create-user").hidden = !(state.user && state.user.is_admin);
+    const admin = Boolean(state.user && state.user.is_admin);
+    $("#user-admin").hidden = !admin;
     $("#new-key-secret").hidden = true;
     dialog.showModal();
     renderKeys().catch(showError);
+    if (admin) renderUsers().catch(showError);
+  });
+  $("#change-password").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const form = event.currentTarget;
+    try {
+      await api("POST", "/api/auth/password", { current: form.elements.current.value, new: form.elements.new.value });
+      location.href = "/"; // every session ended: log in again with the new password
+    } catch (error) {
+      showError(error);
+    }
+  });
+  $("#logout-everywhere").addEventListener("click", async () => {
+    await api("POST", "/api/auth/logout-everywhere").catch(showError);
+    location.href = "/";
   });
   $("#create-key").addEventListener("click", async () => {
     try {
@@ -242,6 +276,7 @@ function installAccount() {
       await api("POST", "/api/auth/register", { name: form.elements.name.value, password: form.elements.password.value });
       form.reset();
       flash(form.querySelector("button"));
+      renderUsers().catch(showError);
     } catch (error) {
       showError(error);
     }
