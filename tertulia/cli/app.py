@@ -126,8 +126,8 @@ def serve(
     auth: Annotated[
         bool,
         typer.Option(
-            help="Accounts: the first to register is the admin; browsers log in, programs use "
-            "per-user API keys. Without it, one local user and no login."
+            help="Accounts: the admin registers with the one-time setup link printed at start; "
+            "browsers log in, programs use per-user API keys. Without it, one local user and no login."
         ),
     ] = False,
     allow_host: Annotated[

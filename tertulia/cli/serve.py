@@ -131,7 +131,16 @@ def run_server(
     hosts = allowed_hosts(host, allow_hosts or [])
     if "*" in hosts:
         err.print("Answering to any host name; name the public ones with --allow-host.", style="dim")
-    app = create_app(served, api_keys=keys, max_queue=max_queue, store=store, auth=auth, allowed_hosts=hosts)
+    app = create_app(
+        served,
+        api_keys=keys,
+        max_queue=max_queue,
+        store=store,
+        auth=auth,
+        allowed_hosts=hosts,
+        public_metrics=public_metrics,
+        setup_token=setup_token,
+    )
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
     _serve(uvicorn.Server(config), next((m for m in served if isinstance(m, ServedModel)), None))
 

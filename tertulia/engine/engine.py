@@ -351,6 +351,8 @@ class Engine:
         if not sequences:
             return []
         params = [s.params for s in sequences]
+        # A draw advances each seeded row's generator: kept, so a retry row by row replays them.
+        states = [s.generator.get_state() for s in sequences] if len(sequences) > 1 else []
         try:
             tokens = sample(
                 logits.clone(),  # the penalties work in place: keep the logits for a retry
@@ -365,6 +367,8 @@ class Engine:
         except Exception as exc:  # noqa: BLE001
             if len(sequences) == 1:
                 return [(sequences[0], exc, None)]
+            for seq, state in zip(sequences, states, strict=True):
+                seq.generator.set_state(state)
             return [
                 item
                 for row in range(len(sequences))

@@ -7,6 +7,7 @@ characters); only the template's own text may produce special tokens.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import re
 import secrets
@@ -22,7 +23,7 @@ from tertulia.models.tokenizer import Tokenizer
 
 # A template is a program from the model's files run over client data. Its output is bounded (each
 # message appears a few times at most, plus the template's own text) and so is its time, checked
-# between the pieces it yields: a runaway template fails that request, not the server.
+# between the pieces it yields and at every call it makes: a runaway template fails that request.
 RENDER_GROWTH = 4
 RENDER_OVERHEAD_CHARS = 1_000_000
 RENDER_SECONDS = 10.0
@@ -59,10 +60,29 @@ def _trim(value: Any, chars: str | None = None) -> str:
     return text
 
 
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("template_deadline", default=None)
+
+
+def _too_slow() -> PromptError:
+    return PromptError(
+        f"The chat template ran for more than {RENDER_SECONDS:.0f} s on these messages.",
+        "The model's chat template is at fault; fix it or use another model.",
     )
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, with the render's deadline checked at every call a template makes (loops call
+    `range`, filters and methods), so a template that loops without writing anything stops too."""
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        deadline = _DEADLINE.get()
+        if deadline is not None and time.monotonic() > deadline:
+            raise _too_slow()
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.filters["trim"] = _trim
     env.globals["raise_exception"] = _raise
@@ -87,6 +107,7 @@ class ChatTemplate:
         limit = RENDER_GROWTH * given + RENDER_OVERHEAD_CHARS
         deadline = time.monotonic() + RENDER_SECONDS
         parts, size = [], 0
+        token = _DEADLINE.set(deadline)
         try:
             for part in self._template.generate(
                 messages=messages,
@@ -116,6 +137,8 @@ class ChatTemplate:
                 f"The chat template failed on these messages ({type(exc).__name__}: {exc}).",
                 "Message content must be text; otherwise the model's chat template is at fault.",
             ) from None
+        finally:
+            _DEADLINE.reset(token)
 
     def encode(
         self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True, **extra: Any
@@ -133,7 +156,7 @@ class ChatTemplate:
         controls = self.tokenizer.special_texts
         hidden = _ControlHider(controls, nonce)
         wrapped = [
-            dict(m, content=f"{open_mark}{hidden.hide(m['content'])}{close_mark}")
+            dict(m, content=f"{open_mark}{hidden.hide(_unmarked(m['content']))}{close_mark}")
             if isinstance(m.get("content"), str)
             else m
             for m in messages
@@ -161,6 +184,15 @@ class ChatTemplate:
             cursor = match.end()
         ids += template_text(text[cursor:])
         return ids
+
+
+# The private-use characters the markers and placeholders are made of: taken out of message text, so
+# that nothing a user writes can complete, imitate or break one.
+_MARKER_CHARS = re.compile("[\ue000-\ue005]")
+
+
+def _unmarked(text: str) -> str:
+    return _MARKER_CHARS.sub("", text)
 
 
 class _ControlHider:

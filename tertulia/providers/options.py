@@ -1,8 +1,9 @@
 """The sampling options a reply can be asked for: one table of names, ranges, defaults and meanings.
 
-Every entry point validates against this model and nothing else: the /v1 request bodies, the /api
-settings of conversations, personas, requests and imports, and the terminal chat's flags. A value is
-checked once, here, at the edge; the engine only re-asserts what would break its arithmetic.
+The server's entry points validate against this model and nothing else: the /v1 request bodies and
+the /api settings of conversations, personas, requests and imports. A value is checked once, here,
+at the edge; the engine only re-asserts what would break its arithmetic. (The terminal chat's flags
+still build the engine's parameters themselves.)
 
 Fields left unset (None) take the value of the layer below (persona, then conversation, then
 request), and at the bottom the default named in each description.
@@ -10,6 +11,7 @@ request), and at the bottom the default named in each description.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -20,6 +22,7 @@ MAX_STOP_SEQUENCES = 4
 # Larger than any vocabulary: top_k beyond the vocabulary size keeps every token.
 MAX_TOP_K = 1_000_000
 INT64 = (-(2**63), 2**63 - 1)
+_TOKEN_ID = re.compile(r"-?[0-9]{1,10}")  # the engine then checks it is in the vocabulary
 # What OpenAI's own API knows; the rest (top_k, min_p, repetition_penalty) are vLLM's and llama.cpp's
 # extensions, not sent to a remote server that may refuse them.
 OPENAI_NAMES = {
@@ -103,8 +106,8 @@ class Options(BaseModel):
     @classmethod
     def _bias_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key in value or {}:
-            if not (key.isascii() and key.lstrip("-").isdigit()):
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not _TOKEN_ID.fullmatch(key):
+                raise ValueError(f"logit_bias keys must be token ids, got {key[:20]!r}")
         return value
 
     def set_values(self) -> dict[str, Any]:

@@ -180,22 +180,11 @@ async def _create(accounts: Accounts, body: Credentials) -> User:
 
 @router.post("/auth/login")
 async def login(body: Credentials, request: Request) -> JSONResponse:
-    throttle: LoginThrottle = request.app.state.login_throttle
-    address = request.client.host if request.client else "unknown"
-    wait = throttle.retry_after(body.name, address)
-    if wait:
-        raise APIError(
-            429,
-            f"Too many login attempts. Try again in {wait} s.",
-            type="rate_limit_error",
-            code="login_throttled",
-            retry_after=wait,
-        )
+    _check_throttle(request, body.name)
     found = await hashing(_accounts(request).login, body.name, body.password)
     if found is None:
-        throttle.failed(body.name)
         raise APIError(401, "Wrong user name or password.", code="invalid_credentials")
-    throttle.succeeded(body.name)
+    request.app.state.login_throttle.succeeded(body.name)
     response = JSONResponse({"user": user_json(found.user), "csrf_token": found.csrf_token})
     response.set_cookie(
         COOKIE,
@@ -207,6 +196,21 @@ async def login(body: Credentials, request: Request) -> JSONResponse:
         path="/",
     )
     return response
+
+
+def _check_throttle(request: Request, name: str) -> None:
+    """429 before any hashing when this account or this client has tried too often (throttle.py)."""
+    throttle: LoginThrottle = request.app.state.login_throttle
+    address = request.client.host if request.client else "unknown"
+    wait = throttle.retry_after(name, address)
+    if wait:
+        raise APIError(
+            429,
+            f"Too many password attempts. Try again in {wait} s.",
+            type="rate_limit_error",
+            code="login_throttled",
+            retry_after=wait,
+        )
 
 
 @router.post("/auth/logout", status_code=204)
@@ -244,12 +248,21 @@ async def _admin(request: Request) -> User:
 
 @router.post("/auth/password", status_code=204)
 async def change_password(body: PasswordChange, request: Request) -> Response:
-    """Set a new password; every session ends (this browser's too): log in again everywhere."""
+    """Set a new password; every session ends (this browser's too): log in again everywhere.
+
+    From a logged-in browser only: an API key must not be enough to guess the password and take
+    the account over. Attempts are throttled like logins."""
+    if _bearer(request):
+        raise APIError(
+            403, "Change the password from a logged-in browser, not with an API key.", type="permission_error"
+        )
     user = await _logged_in(request)
+    _check_throttle(request, user.name)
     try:
         await hashing(_accounts(request).change_password, user.id, body.current, body.new)
     except TertuliaError as exc:
         raise APIError(400, str(exc), param="current" if "current" in str(exc) else "new") from None
+    request.app.state.login_throttle.succeeded(user.name)
     response = Response(status_code=204)
     response.delete_cookie(COOKIE, path="/")
     return response

@@ -126,15 +126,19 @@ class HostGuard:
     - `Host` must name an allowed host (`*` allows any): a web page cannot rebind its own name to
       this machine and read or change what is here (the attack class of Ollama's CVE-2024-28224).
     - A request that changes something (not GET/HEAD/OPTIONS) and carries an `Origin` header (browsers
-      send it) must come from this same host, or from an allowed name: another site's page cannot
-      post to it. Programs such as the `openai` client send no Origin and are unaffected.
+      send it) must come from this very host and port, or from a public name the operator allowed:
+      another site's page (or another port's, on loopback) cannot post to it. Programs such as the
+      `openai` client send no Origin and are unaffected.
 
     Behind a reverse proxy, allow the public name (`--allow-host`) or have the proxy pass `Host` on.
     """
 
     def __init__(self, app: ASGIApp, allowed_hosts: frozenset[str] = LOOPBACK_HOSTS) -> None:
         self.app = app
-        self.allowed = frozenset(h.lower().strip("[]") for h in allowed_hosts)
+        self.allowed = frozenset(hostname(h) for h in allowed_hosts)
+        # Pages that may write from another origin than the Host: the public names an operator gave
+        # (a proxy that does not pass Host on). Never loopback's other ports, never "any".
+        self.trusted_origins = self.allowed - LOOPBACK_HOSTS - {"*"}
 
     def _allowed(self, name: str) -> bool:
         return "*" in self.allowed or name in self.allowed
@@ -158,7 +162,8 @@ class HostGuard:
         elif scope["method"] not in _SAFE_METHODS and "origin" in headers:
             origin = headers["origin"]
             netloc = origin.split("://", 1)[1] if "://" in origin else ""
-            if not netloc or (netloc.lower() != host.lower() and not self._allowed(hostname(netloc))):
+            same_origin = bool(netloc) and netloc.lower() == host.lower()
+            if not same_origin and hostname(netloc) not in self.trusted_origins:
                 refusal = envelope(
                     403,
                     f"Requests from the page at {origin} may not change anything here.",

@@ -200,11 +200,15 @@ HEARTBEAT_SECONDS = 10.0
 async def with_heartbeat(events: AsyncIterator[str]) -> AsyncIterator[str]:
     """`events`, opened with an SSE comment (so headers and a first byte leave at once) and with
     another whenever nothing was sent for HEARTBEAT_SECONDS: a request waiting in a long queue keeps
-    its client's read timeout from firing. Clients ignore comment lines."""
-    yield ": waiting for the model\n\n"
+    its client's read timeout from firing. Clients ignore comment lines.
+
+    `events` is started before the first byte is sent, so that its own cleanup (cancelling the
+    request, saving a reply cut short) runs whenever this generator is closed.
+    """
     iterator = events.__aiter__()
     pending = asyncio.ensure_future(iterator.__anext__())
     try:
+        yield ": waiting for the model\n\n"
         while True:
             done, _ = await asyncio.wait({pending}, timeout=HEARTBEAT_SECONDS)
             if not done:
@@ -218,7 +222,7 @@ async def with_heartbeat(events: AsyncIterator[str]) -> AsyncIterator[str]:
             pending = asyncio.ensure_future(iterator.__anext__())
     finally:
         # Reached when the client leaves too, inside a cancelled scope: shielded, so that `events`
-        # is closed for certain and its own cleanup (saving a reply cut short) runs now.
+        # is closed for certain and its own cleanup runs now.
         pending.cancel()
         with anyio.CancelScope(shield=True):
             with contextlib.suppress(asyncio.CancelledError, Exception):  # raised already, if at all
@@ -226,9 +230,22 @@ async def with_heartbeat(events: AsyncIterator[str]) -> AsyncIterator[str]:
             await iterator.aclose()  # type: ignore[attr-defined]
 
 
+class _EventStream(StreamingResponse):
+    """A streaming response that closes its events when the client leaves, not when the garbage
+    collector gets to them: Starlette stops iterating on a failed send and leaves the generator
+    suspended, and a reply cut short must be saved now."""
+
+    async def stream_response(self, send: Any) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[union-attr]
+
+
 def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
     """Server-sent events as every streaming route sends them."""
-    return StreamingResponse(
+    return _EventStream(
         with_heartbeat(events), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
     )
 

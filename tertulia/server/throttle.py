@@ -1,13 +1,15 @@
 """Login throttling: password guesses are slow and few, and cannot stall the server for others.
 
-Two sliding windows: failed logins per account name (a guesser trying one account), and attempts
-per client address (one client trying many). Past either, the answer is 429 with Retry-After, before
-any password is hashed. Each Argon2 hash takes ~64 MiB and tens of milliseconds of a core, so hashing
-runs on a small pool of its own: a burst of logins waits there instead of filling the worker threads
-the store and the tokenizer use.
+Two sliding windows: attempts without success per account name (a guesser trying one account), and
+attempts per client address (one client trying many). Past either, the answer is 429 with
+Retry-After, before any password is hashed. Each Argon2 hash takes ~64 MiB and tens of milliseconds
+of a core, so hashing runs on a small pool of its own: a burst of logins waits there instead of
+filling the worker threads the store and the tokenizer use.
 
 A throttled account name does lock out its owner for the window, too: the price of refusing guesses
-without CAPTCHAs; the window is short. State lives in memory (one process), bounded in size.
+without CAPTCHAs; the window is short. Behind a reverse proxy every client has the proxy's address
+and shares its window: rate-limit per client at the proxy. State lives in memory (one process),
+bounded in size.
 """
 
 from __future__ import annotations
@@ -69,15 +71,16 @@ class LoginThrottle:
         self.addresses = _Windows(ATTEMPTS_PER_ADDRESS, clock)
 
     def retry_after(self, name: str, address: str) -> int:
-        """Whole seconds to wait before this attempt may be made (0: go ahead, and it is counted)."""
-        wait = max(self.accounts.wait(name.strip().lower()), self.addresses.wait(address))
+        """Whole seconds to wait before this attempt may be made (0: go ahead). An attempt counts as
+        a failure of its account until it succeeds, so that parallel guesses are counted as they
+        start, not when their hashes are done."""
+        account = name.strip().lower()
+        wait = max(self.accounts.wait(account), self.addresses.wait(address))
         if wait > 0:
             return max(1, math.ceil(wait))
         self.addresses.add(address)
+        self.accounts.add(account)
         return 0
-
-    def failed(self, name: str) -> None:
-        self.accounts.add(name.strip().lower())
 
     def succeeded(self, name: str) -> None:
         self.accounts.clear(name.strip().lower())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -118,3 +119,35 @@ def test_serve_rejects_an_unsupported_database_before_loading_models() -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("error: Unsupported database 'mysql'.")
     assert "Loading" not in result.stderr
+
+
+def test_serve_with_auth_prints_a_setup_link_that_makes_the_admin(embedded_dir, tmp_path) -> None:
+    """What an operator does on a fresh --auth server: open the printed link (here: its token) and
+    register; the link works once. With --public-metrics, /metrics needs no login."""
+    port = free_port()
+    command = [sys.executable, "-m", "tertulia", "serve", "--port", str(port), "--auth", "--public-metrics"]
+    command += ["--database-url", f"sqlite:///{tmp_path / 'accounts.db'}", "--max-batch", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert process.stderr is not None
+        printed = []
+        for line in process.stderr:
+            printed.append(line)
+            if "?setup=" in line:
+                break
+        token = re.search(r"\?setup=([A-Za-z0-9_-]+)", "".join(printed))
+        assert token, "".join(printed)
+        wait_until_serving(process, url)
+        admin = {"name": "ana", "password": "correct horse", "setup_token": token.group(1)}
+        guess = httpx.post(f"{url}/api/auth/register", json=dict(admin, setup_token="guess"))
+        assert guess.status_code == 403
+        first = httpx.post(f"{url}/api/auth/register", json=admin)
+        assert first.status_code == 201 and first.json()["is_admin"] is True
+        again = httpx.post(f"{url}/api/auth/register", json=dict(admin, name="eve"))
+        assert again.status_code in (401, 403)  # spent: now only an admin adds accounts
+        assert httpx.get(f"{url}/metrics").status_code == 200
+        assert httpx.get(f"{url}/openapi.json").status_code == 401
+    finally:
+        process.terminate()
+        process.wait(30)

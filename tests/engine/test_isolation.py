@@ -64,6 +64,32 @@ def test_a_sequence_whose_draw_fails_fails_alone(make_tiny_model: MakeModel) -> 
     assert engine.idle
 
 
+def test_a_draw_that_fails_late_replays_the_others_seeds(
+    make_tiny_model: MakeModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch drew (every seeded generator advanced), then failed because of one row: the retry
+    row by row starts the others' generators where they were, so their tokens are their solo ones."""
+    from tertulia.engine import engine as engine_module
+
+    prompts = [random_prompt(5, seed=i) for i in range(3)]
+    expected = solo_outputs(make_tiny_model, prompts)
+    engine = Engine(make_tiny_model(), max_batch=8)
+    groups = [engine.add(p, sampled(seed=i)) for i, p in enumerate(prompts)]
+    bad = groups[1][0].params
+    real_sample = engine_module.sample
+
+    def fails_after_drawing(logits, params, *rest):  # type: ignore[no-untyped-def]
+        tokens = real_sample(logits, params, *rest)
+        if any(p is bad for p in params) and len(groups[1][0].output) >= 2:
+            raise RuntimeError("failed after the draw")
+        return tokens
+
+    monkeypatch.setattr(engine_module, "sample", fails_after_drawing)
+    run(engine)
+    assert groups[1][0].finish_reason == "error"
+    assert [groups[0][0].output, groups[2][0].output] == [expected[0], expected[2]]
+
+
 def test_a_sequence_whose_constraint_fails_fails_alone(make_tiny_model: MakeModel) -> None:
     prompts = [random_prompt(5, seed=i) for i in range(2)]
     expected = solo_outputs(make_tiny_model, prompts)

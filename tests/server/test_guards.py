@@ -110,7 +110,7 @@ def test_only_the_names_it_serves_are_answered(tiny_served: ServedModel, make_ti
         for name in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
             assert httpx.get(f"{url}/api/conversations", headers={"Host": name}).status_code == 200
     another = ServedModel(LocalProvider(Engine(make_tiny_model(), max_batch=2)))
-    with running(create_app([another], store=store, allowed_hosts=frozenset({"chat.example"}))) as url:
+    with running(create_app([another], store=store, allowed_hosts=frozenset({"chat.example:443"}))) as url:
         assert httpx.get(f"{url}/api/conversations", headers={"Host": "chat.example"}).status_code == 200
         assert httpx.get(f"{url}/api/conversations", headers={"Host": "localhost"}).status_code == 400
 
@@ -123,7 +123,9 @@ def test_another_sites_page_cannot_change_anything(tiny_served: ServedModel, tmp
     with running(create_app([tiny_served], store=store)) as url:
         host = url.split("://", 1)[1]
         create = f"{url}/api/conversations"
-        for origin in ("https://evil.example", "null", f"http://evil.example:{host.split(':')[1]}"):
+        port = host.split(":")[1]
+        other_port = f"http://127.0.0.1:{int(port) + 1}"  # another program's page on this machine
+        for origin in ("https://evil.example", "null", f"http://evil.example:{port}", other_port):
             response = httpx.post(create, json={}, headers={"Origin": origin})
             assert response.status_code == 403, origin
             assert response.json()["error"]["code"] == "cross_origin_refused"
