@@ -217,3 +217,40 @@ def test_a_queued_stream_hears_from_the_server_while_it_waits(make_tiny_model, m
                 if comments >= 5:
                     break
             assert engine.waiting  # still queued behind the long reply, and heard from 5 times
+
+
+@pytest.mark.parametrize("route", ["chat/completions", "completions"])
+def test_prompts_are_tokenized_off_the_event_loop(make_tiny_model, monkeypatch, route: str) -> None:
+    """While one request's prompt is being templated and tokenized (held here until released),
+    the server keeps answering others: that work does not run on the event loop."""
+    served = ServedModel(LocalProvider(Engine(make_tiny_model(), max_batch=2)))
+    entered, release = threading.Event(), threading.Event()
+    provider = served.provider
+    encode_chat, encode_text = provider.encode_chat, served.encode_text
+
+    def held(encode):  # type: ignore[no-untyped-def]
+        def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+            entered.set()
+            assert release.wait(30)
+            return encode(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(provider, "encode_chat", held(encode_chat))
+    monkeypatch.setattr(served, "encode_text", held(encode_text))
+    body: dict = {"model": served.name, "max_tokens": 2}
+    if route == "chat/completions":
+        body["messages"] = [{"role": "user", "content": "hi"}]
+    else:
+        body["prompt"] = "hi"
+    with running(create_app([served])) as url:
+        answer: list[int] = []
+        sender = threading.Thread(
+            target=lambda: answer.append(httpx.post(f"{url}/v1/{route}", json=body, timeout=60).status_code)
+        )
+        sender.start()
+        assert entered.wait(30)
+        assert httpx.get(f"{url}/v1/models", timeout=5).status_code == 200  # served meanwhile
+        release.set()
+        sender.join(60)
+    assert answer == [200]
