@@ -115,6 +115,14 @@ def log_in(page, url: str, name: str, password: str) -> None:
     assert page.locator("#open-account").inner_text() == name
 
 
+def create_user(admin_page, name: str, password: str) -> None:  # type: ignore[no-untyped-def]
+    """An admin adds an account from the account dialog."""
+    admin_page.click("#open-account")
+    admin_page.fill("#create-user [name=name]", name)
+    admin_page.fill("#create-user [name=password]", password)
+    admin_page.click("#create-user button")
+
+
 def test_with_auth_one_user_cannot_open_anothers_conversation(browser, auth_site: str) -> None:
     url = auth_site
     ana_context, bob_context = browser.new_context(), browser.new_context()
@@ -137,10 +145,7 @@ def test_with_auth_one_user_cannot_open_anothers_conversation(browser, auth_site
     ana.wait_for_function("() => location.pathname.startsWith('/c/')")
     secret = ana.url.rsplit("/", 1)[1]
     # Ana (admin) creates Bob's account from the account dialog.
-    ana.click("#open-account")
-    ana.fill("#create-user [name=name]", "bob")
-    ana.fill("#create-user [name=password]", "another good password")
-    ana.click("#create-user button")
+    create_user(ana, "bob", "another good password")
     ana.wait_for_selector("#create-user button.flashed")
 
     log_in(bob, url, "bob", "another good password")
@@ -188,10 +193,7 @@ def test_the_account_dialog_changes_the_password_and_disables_users(browser, aut
     ana_context, bob_context = browser.new_context(), browser.new_context()
     ana, bob = ana_context.new_page(), bob_context.new_page()
     log_in(ana, url, "ana", "correct horse battery")
-    ana.click("#open-account")
-    ana.fill("#create-user [name=name]", "bob")
-    ana.fill("#create-user [name=password]", "another good password")
-    ana.click("#create-user button")
+    create_user(ana, "bob", "another good password")
     ana.wait_for_selector("#user-list li[data-user='bob']")
     log_in(bob, url, "bob", "another good password")
     # The admin disables Bob: his open page loses its session.
