@@ -147,8 +147,11 @@ def held_out_chats(model) -> list[list[int]]:
 
 
 def quality() -> dict[str, float]:
+    import asyncio
+
     from tertulia.engine import quant
     from tertulia.eval.perplexity import perplexity
+    from tertulia.providers.local import LocalProvider
 
     result = {}
     for mode in quant.MODES:
@@ -156,8 +159,8 @@ def quality() -> dict[str, float]:
         sequences = held_out_chats(model)
         if not sequences:
             return {}
-        quant.apply(model.module, mode)
-        result[mode] = perplexity(model.module, sequences)
+        provider = LocalProvider.of_model(model, quantization=mode, max_batch=1, inline=True)
+        result[mode] = asyncio.run(perplexity(provider, sequences))
     return result
 
 

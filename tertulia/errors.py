@@ -26,6 +26,9 @@ class ModelLoadError(TertuliaError):
 class PromptError(TertuliaError):
     """The prompt is empty or does not fit in the model's context."""
 
-    def __init__(self, message: str, hint: str | None = None, *, code: str = "invalid_prompt") -> None:
+    def __init__(
+        self, message: str, hint: str | None = None, *, code: str = "invalid_prompt", param: str | None = None
+    ) -> None:
         super().__init__(message, hint)
         self.code = code
+        self.param = param  # the request field at fault, when the raiser knows it

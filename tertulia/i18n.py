@@ -6,13 +6,15 @@ import os
 
 MESSAGES: dict[str, dict[str, str]] = {
     "banner": {
-        "en": "Tertulia · {model} ({quant}) · context {context} tokens · /help for commands, /exit to leave",
-        "es": "Tertulia · {model} ({quant}) · contexto de {context} tokens · /help para ayuda, /exit para salir",
+        "en": "Tertulia · {model} ({about}) · /help for commands, /exit to leave",
+        "es": "Tertulia · {model} ({about}) · /help para ayuda, /exit para salir",
     },
     "help": {
         "en": (
             "/reset            start a new conversation\n"
             "/system TEXT      set the system prompt (empty: the model's default) and start over\n"
+            "/set NAME VALUE   a sampling option: temperature, top_p, top_k, min_p, seed, max_tokens,\n"
+            "                  stop, repetition_penalty, frequency_penalty, presence_penalty\n"
             "/temperature T    sampling temperature (0 = always the most likely token)\n"
             "/max-tokens N     longest reply, in tokens\n"
             "/help             this help\n"
@@ -21,6 +23,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "es": (
             "/reset            empezar una conversación nueva\n"
             "/system TEXTO     fijar el prompt de sistema (vacío: el del modelo) y empezar de nuevo\n"
+            "/set NOMBRE VALOR una opción de muestreo: temperature, top_p, top_k, min_p, seed, max_tokens,\n"
+            "                  stop, repetition_penalty, frequency_penalty, presence_penalty\n"
             "/temperature T    temperatura de muestreo (0 = siempre el token más probable)\n"
             "/max-tokens N     longitud máxima de la respuesta, en tokens\n"
             "/help             esta ayuda\n"
@@ -36,11 +40,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "System prompt back to the model's default; new conversation.",
         "es": "Prompt de sistema del modelo restaurado; conversación nueva.",
     },
-    "temperature_set": {"en": "Temperature: {value}", "es": "Temperatura: {value}"},
-    "max_tokens_set": {"en": "Max tokens: {value}", "es": "Tokens máximos: {value}"},
-    "bad_number": {
-        "en": "{command} needs a number, e.g. {example}",
-        "es": "{command} necesita un número, p. ej. {example}",
+    "option_set": {"en": "{name} = {value}", "es": "{name} = {value}"},
+    "bad_option": {
+        "en": "Not changed: {error}. For example: {example}",
+        "es": "Sin cambios: {error}. Por ejemplo: {example}",
     },
     "unknown_command": {
         "en": "Unknown command {command}. /help lists the commands.",

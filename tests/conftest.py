@@ -7,7 +7,7 @@ GGUF conversion of the embedded model is reused across runs.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from tertulia.models.config import ModelConfig  # noqa: E402
 from tertulia.models.llama import LlamaModel  # noqa: E402
 from tertulia.models.registry import LoadedModel  # noqa: E402
 from tertulia.models.tokenizer import Tokenizer  # noqa: E402
+from tests.server.conftest import LiveServer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +71,10 @@ def tiny_config(**overrides: object) -> ModelConfig:
 
 @pytest.fixture
 def make_tiny_model(real_tokenizer: Tokenizer, embedded_dir: Path) -> Callable[..., LoadedModel]:
+    return tiny_model_factory(real_tokenizer, embedded_dir)
+
+
+def tiny_model_factory(real_tokenizer: Tokenizer, embedded_dir: Path) -> Callable[..., LoadedModel]:
     """Random-weight Llama-family models (2 layers, width 64) with the real tokenizer and template.
 
     Weights are scaled up so logits are peaked enough for greedy decoding to be stable under float noise.
@@ -116,3 +121,18 @@ def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path) ->
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(embedded_dir / name, directory / name)
     return directory
+
+
+@pytest.fixture(scope="session")
+def live_server(embedded_dir: Path) -> Iterator[LiveServer]:
+    """One real server on loopback for the session (the embedded model as served by default)."""
+    from tertulia.engine.engine import Engine
+    from tertulia.providers.local import LocalProvider
+    from tertulia.server.app import create_app
+    from tests.server.conftest import MODEL, running
+
+    model = registry.load(MODEL)
+    engine = Engine(model, quantization=registry.pick_quantization(model), max_batch=16)
+    served = LocalProvider(engine)
+    with running(create_app([served])) as url:
+        yield LiveServer(url, served)

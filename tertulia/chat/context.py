@@ -7,7 +7,7 @@ the latest user message. The caller is told how many messages were left out, so 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +36,9 @@ def _turn_starts(history: list[Message]) -> list[int]:
     return starts or [0]
 
 
-def fit(
+async def fit(
     messages: list[Message],
-    count_tokens: Callable[[list[Message]], int],
+    count_tokens: Callable[[list[Message]], Awaitable[int]],
     context: int,
     reserve: int,
 ) -> FittedPrompt:
@@ -48,11 +48,11 @@ def fit(
     budget = context - reserve
     starts = _turn_starts(history)
 
-    def attempt(start: int) -> tuple[list[Message], int]:
+    async def attempt(start: int) -> tuple[list[Message], int]:
         kept = system + history[start:]
-        return kept, count_tokens(kept)
+        return kept, await count_tokens(kept)
 
-    kept, tokens = attempt(0)
+    kept, tokens = await attempt(0)
     if tokens <= budget:
         return FittedPrompt(kept, tokens, 0)
     # Fitting is monotonic in how many turns are dropped: binary search the first turn to keep.
@@ -60,7 +60,7 @@ def fit(
     best: tuple[list[Message], int, int] | None = None
     while low <= high:
         mid = (low + high) // 2
-        kept, tokens = attempt(starts[mid])
+        kept, tokens = await attempt(starts[mid])
         if tokens <= budget:
             best = (kept, tokens, starts[mid])
             high = mid - 1
@@ -68,7 +68,7 @@ def fit(
             low = mid + 1
     if best is None:
         last = starts[-1]
-        _, tokens = attempt(last)
+        _, tokens = await attempt(last)
         raise PromptError(
             f"The latest message does not fit: the prompt needs {tokens} tokens and {reserve} are "
             f"reserved for the reply, but the model's context is {context} tokens.",

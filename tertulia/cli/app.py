@@ -47,6 +47,21 @@ QuantizeOption = Annotated[
 ]
 
 
+def _option(name: str, extra: str = "", metavar: str = "NUMBER") -> object:
+    """A sampling flag, its help from the one options table and the chat's defaults."""
+    from tertulia.chat.planner import CHAT_DEFAULTS
+    from tertulia.providers.options import description
+
+    default = getattr(CHAT_DEFAULTS, name)
+    chat = f" The chat uses {default} unless set." if default is not None else ""
+    about = description(name) + chat + extra
+    return typer.Option(f"--{name.replace('_', '-')}", help=about, show_default=False, metavar=metavar)
+
+
+# Sampling flags are text: the options table reads and checks them, as it does API bodies.
+Text = str | None
+
+
 @app.command()
 def chat(
     model: ModelOption = DEFAULT_MODEL,
@@ -59,32 +74,50 @@ def chat(
         ),
     ] = None,
     system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.3,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.9,
-    repetition_penalty: Annotated[
-        float,
-        typer.Option(help="Discourage repeating earlier tokens (1 = off; small models loop without it)."),
-    ] = 1.1,
-    max_tokens: Annotated[int | None, typer.Option(help="Longest reply in tokens.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    temperature: Annotated[Text, _option("temperature")] = None,
+    top_p: Annotated[Text, _option("top_p")] = None,
+    top_k: Annotated[Text, _option("top_k")] = None,
+    min_p: Annotated[Text, _option("min_p")] = None,
+    repetition_penalty: Annotated[Text, _option("repetition_penalty")] = None,
+    frequency_penalty: Annotated[Text, _option("frequency_penalty")] = None,
+    presence_penalty: Annotated[Text, _option("presence_penalty")] = None,
+    max_tokens: Annotated[Text, _option("max_tokens")] = None,
+    seed: Annotated[Text, _option("seed")] = None,
+    stop: Annotated[list[str] | None, _option("stop", " Repeat the flag for several.", "TEXT")] = None,
+    logit_bias: Annotated[
+        list[str] | None, _option("logit_bias", " Repeat the flag for several.", "TOKEN=BIAS")
+    ] = None,
     quantize: QuantizeOption = "auto",
 ) -> None:
-    """Chat in the terminal: streaming replies, history, slash commands (/help)."""
-    from tertulia.cli.chat import run_chat
+    """Chat in the terminal: streaming replies, history, slash commands (/help). Also with a model on
+    another server: -m remote:NAME@http://host:port/v1 (key in TERTULIA_REMOTE_API_KEY)."""
+    from tertulia.cli.chat import chosen_options, run_chat
+    from tertulia.errors import PromptError
 
     if prompt == "-":
         prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
-    run_chat(
-        model=model,
-        prompt=prompt,
-        system=system,
-        temperature=temperature,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        max_tokens=max_tokens,
-        seed=seed,
-        quantize=quantize,
+    bias: dict[str, str] = {}
+    for item in logit_bias or []:
+        token, sep, value = item.partition("=")
+        if not sep:
+            raise PromptError(f"logit_bias: {item!r} is not TOKEN=BIAS", "For example --logit-bias 42=-100.")
+        bias[token.strip()] = value.strip()
+    chosen = chosen_options(
+        {
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "min_p": min_p,
+            "repetition_penalty": repetition_penalty,
+            "frequency_penalty": frequency_penalty,
+            "presence_penalty": presence_penalty,
+            "max_tokens": max_tokens,
+            "seed": seed,
+            "stop": stop,
+            "logit_bias": bias if logit_bias else None,
+        }
     )
+    run_chat(model=model, prompt=prompt, system=system, chosen=chosen, quantize=quantize)
 
 
 @app.command()

@@ -13,10 +13,10 @@ from typing import Any
 from rich.console import Console
 
 from tertulia.cli.progress import LazyProgress
-from tertulia.engine.quant import check_mode
 from tertulia.errors import TertuliaError
-from tertulia.providers.local import LocalProvider, ServedModel
-from tertulia.providers.remote import RemoteModel
+from tertulia.providers.base import Provider
+from tertulia.providers.local import check_quantization
+from tertulia.providers.spec import open_provider
 from tertulia.store.accounts import Accounts
 from tertulia.store.conversations import Store
 from tertulia.store.database import open_store
@@ -80,7 +80,7 @@ def run_server(
 
     from tertulia.server.app import create_app
 
-    check_mode(quantize, allow_auto=True)
+    check_quantization(quantize)
     kv_bytes = parse_size(kv_memory) if kv_memory else None
     keys = set(api_keys) | {
         k.strip() for k in os.environ.get("TERTULIA_API_KEYS", "").split(",") if k.strip()
@@ -99,17 +99,16 @@ def run_server(
     setup_token = None
     if auth and not Accounts(store).has_accounts():
         setup_token = secrets.token_urlsafe(16)
-    served: list[ServedModel | RemoteModel] = []
+    served: list[Provider] = []
     for spec in models:
-        if spec.startswith("remote:"):
-            served.append(RemoteModel.from_spec(spec, os.environ.get("TERTULIA_REMOTE_API_KEY")))
-            continue
-        err.print(f"Loading {spec}…", style="dim")
+        if not spec.startswith("remote:"):
+            err.print(f"Loading {spec}…", style="dim")
         with LazyProgress(err) as progress:
-            provider = LocalProvider.load(
-                spec, quantization=quantize, max_batch=max_batch, kv_memory=kv_bytes, progress=progress
+            served.append(
+                open_provider(
+                    spec, quantization=quantize, max_batch=max_batch, kv_memory=kv_bytes, progress=progress
+                )
             )
-        served.append(ServedModel(provider))
     names = [m.name for m in served]
     if len(set(names)) != len(names):
         raise TertuliaError(f"Two models share a name ({', '.join(names)}).", "Serve each model once.")
@@ -142,15 +141,15 @@ def run_server(
         setup_token=setup_token,
     )
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
-    _serve(uvicorn.Server(config), next((m for m in served if isinstance(m, ServedModel)), None))
+    _serve(uvicorn.Server(config), served)
 
 
-def _serve(server: Any, main_model: ServedModel | None) -> None:
-    """HTTP in a background thread, the (first) engine loop on the main thread (see EngineRunner.run_here)."""
-    if main_model is None:
+def _serve(server: Any, served: list[Provider]) -> None:
+    """HTTP in a background thread, the first engine loop on the main thread (see AsyncEngine.run_here)."""
+    main_model, loop = next(((m, loop) for m in served if (loop := m.take_loop()) is not None), (None, None))
+    if main_model is None or loop is None:
         server.run()
         return
-    main_model.external_loop = True
     http = threading.Thread(target=server.run, name="tertulia-http", daemon=True)
 
     def request_exit(*_: object) -> None:
@@ -158,10 +157,10 @@ def _serve(server: Any, main_model: ServedModel | None) -> None:
 
     def stop_engine_when_http_ends() -> None:
         http.join()
-        main_model.runner.stop()
+        main_model.stop()
 
     signal.signal(signal.SIGINT, request_exit)
     signal.signal(signal.SIGTERM, request_exit)
     http.start()
     threading.Thread(target=stop_engine_when_http_ends, daemon=True).start()
-    main_model.runner.run_here()
+    loop()

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from tertulia.eval.answers import ask, greedy_answers
 from tertulia.eval.perplexity import perplexity
 from tertulia.models import registry
 from tertulia.models.registry import LoadedModel
+from tertulia.providers.local import LocalProvider
 from tertulia.train.batches import tokenize
 
 
@@ -51,11 +53,12 @@ class IdentityCheck:
 
 
 def measure(model: LoadedModel, held_out: HeldOut) -> Measure:
-    answers = greedy_answers(model, [ask(q) for q in held_out.questions])
+    provider = LocalProvider.of_model(model, max_batch=16, inline=True)
+    answers = asyncio.run(greedy_answers(provider, [ask(q) for q in held_out.questions]))
     hits = sum(held_out.name.lower() in a.lower() for a in answers)
     ends = sorted(model.tokenizer.end_of_turn_ids() | set(model.config.eos_ids))
     chats = [tokenize(e["messages"], model.template, ends) for e in held_out.chat]
-    score = perplexity(model.module, [c.ids for c in chats], scored=[c.trained for c in chats])
+    score = asyncio.run(perplexity(provider, [c.ids for c in chats], scored=[c.trained for c in chats]))
     return Measure(answers, hits / max(len(answers), 1), score)
 
 

@@ -1,1 +1,3 @@
-"""Providers: where replies come from (the local engine, later remote OpenAI-compatible servers)."""
+"""Providers: where replies come from, behind one contract (`base`): Tertulia's own engine (`local`)
+or another OpenAI-compatible server (`remote`); the sampling options every entry point checks
+(`options`)."""

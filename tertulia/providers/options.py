@@ -1,9 +1,9 @@
 """The sampling options a reply can be asked for: one table of names, ranges, defaults and meanings.
 
-The server's entry points validate against this model and nothing else: the /v1 request bodies and
-the /api settings of conversations, personas, requests and imports. A value is checked once, here,
-at the edge; the engine only re-asserts what would break its arithmetic. (The terminal chat's flags
-still build the engine's parameters themselves.)
+Every entry point validates against this model and nothing else: the /v1 request bodies, the /api
+settings of conversations, personas, requests and imports, and the terminal chat's flags and slash
+commands. A value is checked once, here, at the edge; the local provider turns it into the engine's
+parameters, and the engine only re-asserts what would break its arithmetic.
 
 Fields left unset (None) take the value of the layer below (persona, then conversation, then
 request), and at the bottom the default named in each description.
@@ -11,12 +11,12 @@ request), and at the bottom the default named in each description.
 
 from __future__ import annotations
 
+import json
 import re
+import typing
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from tertulia.engine.sampling import SamplingParams
 
 MAX_STOP_SEQUENCES = 4
 # Larger than any vocabulary: top_k beyond the vocabulary size keeps every token.
@@ -114,22 +114,17 @@ class Options(BaseModel):
         """The options this layer sets (JSON-ready, for storing)."""
         return self.model_dump(exclude_none=True, include=set(Options.model_fields))
 
-    def sampling(self, **extra: Any) -> SamplingParams:
-        """The engine's parameters, defaults filled in; `extra`: what is not an option (n, logprobs...)."""
-        values: dict[str, Any] = {
-            "temperature": 1.0 if self.temperature is None else self.temperature,
-            "top_p": 1.0 if self.top_p is None else self.top_p,
-            "top_k": self.top_k or 0,
-            "min_p": self.min_p or 0.0,
-            "frequency_penalty": self.frequency_penalty or 0.0,
-            "presence_penalty": self.presence_penalty or 0.0,
-            "repetition_penalty": self.repetition_penalty or 1.0,
-            "logit_bias": {int(k): v for k, v in (self.logit_bias or {}).items()},
-            "seed": self.seed,
-            "max_tokens": self.max_tokens,
-            "stop": list(self.stop or []),
-        }
-        return SamplingParams(**(values | extra))
+
+def description(name: str) -> str:
+    """What option `name` means, its range and default, as the table says (for help texts)."""
+    field = Options.model_fields[name]
+    if field.description:
+        return field.description
+    for kind in typing.get_args(field.annotation):
+        for meta in getattr(kind, "__metadata__", ()):
+            if getattr(meta, "description", None):
+                return meta.description
+    return ""
 
 
 class OptionsError(ValueError):
@@ -143,7 +138,7 @@ class OptionsError(ValueError):
 def describe_error(error: ValidationError) -> OptionsError:
     first = error.errors()[0]
     param = ".".join(str(part) for part in first["loc"]) or None
-    message = first["msg"]
+    message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown option"
     return OptionsError(f"{param}: {message}" if param else message, param)
@@ -170,3 +165,32 @@ def merged(*layers: dict[str, Any] | Options | None) -> Options:
             layer = layer.set_values()
         values.update({k: v for k, v in (layer or {}).items() if v is not None})
     return parse(values)
+
+
+def _from_text(text: str) -> Any:
+    """A value typed as text (a flag, a chat command): a JSON number, true/false or null when it reads
+    as one (so "1.5" is the number 1.5, and a seed of 1.5 is refused as the API refuses it); else
+    the string itself, which the table refuses where a number is wanted."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, int | float | bool) or value is None else text
+
+
+def parse_text(values: dict[str, str | list[str] | dict[str, str] | None]) -> Options:
+    """Options from text: `stop` a list of strings, `logit_bias` token id -> bias text, the rest one
+    text each; None is unset. Checked by the same table as JSON (OptionsError says what is wrong)."""
+    parsed: dict[str, Any] = {}
+    for name, text in values.items():
+        if text is None:
+            continue
+        if name == "stop":
+            parsed[name] = text
+        elif isinstance(text, dict):
+            parsed[name] = {key: _from_text(value) for key, value in text.items()}
+        elif isinstance(text, str):
+            parsed[name] = _from_text(text)
+        else:
+            parsed[name] = text
+    return parse(parsed)

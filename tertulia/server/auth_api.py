@@ -15,15 +15,15 @@ import asyncio
 import hmac
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from tertulia.errors import TertuliaError
 from tertulia.server.errors import APIError
+from tertulia.server.state import request_store, server_state
 from tertulia.server.throttle import LoginThrottle, hashing
 from tertulia.store.accounts import SESSION_DAYS, Accounts
-from tertulia.store.conversations import Store
 from tertulia.store.schema import ApiKey, User
 
 router = APIRouter(prefix="/api")
@@ -47,15 +47,8 @@ class KeyRequest(BaseModel):
     name: Annotated[str, Field(max_length=200)] = "key"
 
 
-def request_store(request: Request) -> Store:
-    store = request.app.state.store
-    if store is None:
-        raise APIError(404, "This server keeps no conversations (it was started without a store).")
-    return store
-
-
 def _accounts(request: Request) -> Accounts:
-    accounts = request.app.state.accounts
+    accounts = server_state(request).accounts
     if accounts is None:
         raise APIError(
             404, "Accounts are off: start the server with --auth to use them.", type="not_found_error"
@@ -72,7 +65,7 @@ async def require_operator(request: Request) -> None:
     """For what shows the server's workings (/metrics, /openapi.json): open on a server without keys
     or accounts; otherwise a server API key, or any account (key or logged-in session), unless the
     server was started with public metrics (then /metrics only is open)."""
-    state = request.app.state
+    state = server_state(request)
     if state.public_metrics and request.url.path == "/metrics":
         return
     if state.accounts is None and not state.api_keys:
@@ -89,7 +82,7 @@ async def require_operator(request: Request) -> None:
 
 async def current_user(request: Request) -> User | None:
     """The account behind this request (None without --auth); 401/403 when it has none or fails CSRF."""
-    accounts = request.app.state.accounts
+    accounts = server_state(request).accounts
     if accounts is None:
         return None
     secret = _bearer(request)
@@ -115,11 +108,14 @@ async def request_user(request: Request) -> str:
     user = await current_user(request)
     if user is not None:
         return user.id
-    state = request.app.state
-    if getattr(state, "local_user_id", None) is None:
-        store = request_store(request)
+    state = server_state(request)
+    if state.local_user_id is None:
+        store = request_store(state)
         state.local_user_id = (await asyncio.to_thread(store.local_user)).id
     return state.local_user_id
+
+
+UserId = Annotated[str, Depends(request_user)]
 
 
 def user_json(user: User) -> dict[str, Any]:
@@ -134,7 +130,7 @@ def key_json(key: ApiKey) -> dict[str, Any]:
 async def me(request: Request) -> dict[str, Any]:
     """Who this browser is. Logged out is an answer here, not an error: the page then shows its login
     form, or the registration form while no account exists (`first_account`)."""
-    accounts = request.app.state.accounts
+    accounts = server_state(request).accounts
     if accounts is None:
         return {"auth": False, "user": None}
     try:
@@ -157,8 +153,8 @@ async def register(body: Registration, request: Request) -> dict[str, Any]:
         if caller is None or not caller.is_admin:
             raise APIError(403, "Only an admin can create accounts.", type="permission_error")
         return user_json(await _create(accounts, body))
-    async with request.app.state.setup_lock:  # one registration at a time may spend the token
-        expected = request.app.state.setup_token
+    async with server_state(request).setup_lock:  # one registration at a time may spend the token
+        expected = server_state(request).setup_token
         if expected is None or not hmac.compare_digest(body.setup_token or "", expected):
             raise APIError(
                 403,
@@ -167,7 +163,7 @@ async def register(body: Registration, request: Request) -> dict[str, Any]:
                 code="setup_token_required",
             )
         user = await _create(accounts, body)
-        request.app.state.setup_token = None  # spent
+        server_state(request).setup_token = None  # spent
     return user_json(user)
 
 
@@ -184,7 +180,7 @@ async def login(body: Credentials, request: Request) -> JSONResponse:
     found = await hashing(_accounts(request).login, body.name, body.password)
     if found is None:
         raise APIError(401, "Wrong user name or password.", code="invalid_credentials")
-    request.app.state.login_throttle.succeeded(body.name)
+    server_state(request).login_throttle.succeeded(body.name)
     response = JSONResponse({"user": user_json(found.user), "csrf_token": found.csrf_token})
     response.set_cookie(
         COOKIE,
@@ -200,7 +196,7 @@ async def login(body: Credentials, request: Request) -> JSONResponse:
 
 def _check_throttle(request: Request, name: str) -> None:
     """429 before any hashing when this account or this client has tried too often (throttle.py)."""
-    throttle: LoginThrottle = request.app.state.login_throttle
+    throttle: LoginThrottle = server_state(request).login_throttle
     address = request.client.host if request.client else "unknown"
     wait = throttle.retry_after(name, address)
     if wait:
@@ -262,7 +258,7 @@ async def change_password(body: PasswordChange, request: Request) -> Response:
         await hashing(_accounts(request).change_password, user.id, body.current, body.new)
     except TertuliaError as exc:
         raise APIError(400, str(exc), param="current" if "current" in str(exc) else "new") from None
-    request.app.state.login_throttle.succeeded(user.name)
+    server_state(request).login_throttle.succeeded(user.name)
     response = Response(status_code=204)
     response.delete_cookie(COOKIE, path="/")
     return response

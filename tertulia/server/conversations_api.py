@@ -13,16 +13,17 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Query, Request, Response
+from fastapi import APIRouter, Body, Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from tertulia.errors import TertuliaError
 from tertulia.providers import options
-from tertulia.server.auth_api import request_store, request_user
+from tertulia.server.auth_api import UserId
 from tertulia.server.errors import APIError
+from tertulia.server.state import StoreDep, in_thread
 from tertulia.store import transfer
-from tertulia.store.conversations import NotFound, Turn
+from tertulia.store.conversations import Turn
 from tertulia.store.schema import Conversation, Message, Persona
 
 router = APIRouter(prefix="/api")
@@ -67,15 +68,6 @@ class BranchRequest(_Body):
 class RatingRequest(_Body):
     rating: Annotated[int, Field(ge=-1, le=1)]
     comment: Annotated[str, Field(max_length=2000)] | None = None
-
-
-async def store_call(request: Request, method: str, *args: Any, **kwargs: Any) -> Any:
-    """Run a store call off the event loop; NotFound becomes a 404 in OpenAI's error shape."""
-    store = request_store(request)
-    try:
-        return await asyncio.to_thread(getattr(store, method), *args, **kwargs)
-    except NotFound as exc:
-        raise APIError(404, exc.message, type="not_found_error") from None
 
 
 def check_request_settings(settings: dict[str, Any] | None) -> None:
@@ -138,15 +130,15 @@ def persona_json(persona: Persona) -> dict[str, Any]:
 
 @router.get("/conversations")
 async def list_conversations(
-    request: Request,
+    user: UserId,
+    store: StoreDep,
     search: Annotated[str, Query(max_length=1000)] | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
 ) -> list[dict[str, Any]]:
-    rows = await store_call(
-        request,
-        "conversations",
-        await request_user(request),
+    rows = await in_thread(
+        store.conversations,
+        user,
         search=search,
         limit=limit,
         offset=offset,
@@ -155,54 +147,43 @@ async def list_conversations(
 
 
 @router.post("/conversations", status_code=201)
-async def create_conversation(body: ConversationFields, request: Request) -> dict[str, Any]:
+async def create_conversation(body: ConversationFields, user: UserId, store: StoreDep) -> dict[str, Any]:
     check_request_settings(body.settings)
     fields = body.model_dump(exclude_none=True)
-    return conversation_json(
-        await store_call(request, "create_conversation", await request_user(request), **fields)
-    )
+    return conversation_json(await in_thread(store.create_conversation, user, **fields))
 
 
 @router.get("/conversations/{conversation_id}")
-async def get_conversation(conversation_id: str, request: Request) -> dict[str, Any]:
-    user = await request_user(request)
-    conversation = await store_call(request, "conversation", user, conversation_id)
-    turns = await store_call(request, "path", user, conversation_id)
-    ratings = await store_call(request, "ratings", user, conversation_id)
+async def get_conversation(conversation_id: str, user: UserId, store: StoreDep) -> dict[str, Any]:
+    conversation = await in_thread(store.conversation, user, conversation_id)
+    turns = await in_thread(store.path, user, conversation_id)
+    ratings = await in_thread(store.ratings, user, conversation_id)
     return dict(conversation_json(conversation), messages=[turn_json(t) for t in turns], ratings=ratings)
 
 
 @router.patch("/conversations/{conversation_id}")
 async def update_conversation(
-    conversation_id: str, body: ConversationFields, request: Request
+    conversation_id: str, body: ConversationFields, user: UserId, store: StoreDep
 ) -> dict[str, Any]:
     check_request_settings(body.settings)
     fields = body.model_dump(exclude_unset=True)
     if "title" in fields and fields["title"] is None:
         raise APIError(400, "title cannot be empty", param="title")
-    return conversation_json(
-        await store_call(
-            request, "update_conversation", await request_user(request), conversation_id, **fields
-        )
-    )
+    return conversation_json(await in_thread(store.update_conversation, user, conversation_id, **fields))
 
 
 @router.delete("/conversations/{conversation_id}", status_code=204)
-async def delete_conversation(conversation_id: str, request: Request) -> Response:
-    await store_call(request, "delete_conversation", await request_user(request), conversation_id)
+async def delete_conversation(conversation_id: str, user: UserId, store: StoreDep) -> Response:
+    await in_thread(store.delete_conversation, user, conversation_id)
     return Response(status_code=204)
 
 
 @router.get("/conversations/{conversation_id}/export", response_model=None)
 async def export(
-    conversation_id: str, request: Request, format: Literal["json", "markdown"] = "json"
+    conversation_id: str, user: UserId, store: StoreDep, format: Literal["json", "markdown"] = "json"
 ) -> JSONResponse | PlainTextResponse:
-    store, user = request_store(request), await request_user(request)
     exporter = transfer.export_json if format == "json" else transfer.export_markdown
-    try:
-        data = await asyncio.to_thread(exporter, store, user, conversation_id)
-    except NotFound as exc:
-        raise APIError(404, exc.message, type="not_found_error") from None
+    data = await in_thread(exporter, store, user, conversation_id)
     name = f"conversation-{conversation_id}.{'json' if format == 'json' else 'md'}"
     headers = {"Content-Disposition": f'attachment; filename="{name}"'}
     if format == "json":
@@ -211,8 +192,7 @@ async def export(
 
 
 @router.post("/conversations/import", status_code=201)
-async def import_conversation(request: Request, data: Annotated[Any, Body()]) -> dict[str, Any]:
-    store, user = request_store(request), await request_user(request)
+async def import_conversation(user: UserId, store: StoreDep, data: Annotated[Any, Body()]) -> dict[str, Any]:
     if isinstance(data, dict):
         check_request_settings(data.get("settings"))
     try:
@@ -223,16 +203,16 @@ async def import_conversation(request: Request, data: Annotated[Any, Body()]) ->
 
 
 @router.post("/conversations/{conversation_id}/branch")
-async def show_branch(conversation_id: str, body: BranchRequest, request: Request) -> list[dict[str, Any]]:
-    turns = await store_call(
-        request, "show_branch", await request_user(request), conversation_id, body.message_id
-    )
+async def show_branch(
+    conversation_id: str, body: BranchRequest, user: UserId, store: StoreDep
+) -> list[dict[str, Any]]:
+    turns = await in_thread(store.show_branch, user, conversation_id, body.message_id)
     return [turn_json(t) for t in turns]
 
 
 @router.post("/messages/{message_id}/rating", status_code=204)
-async def rate(message_id: str, body: RatingRequest, request: Request) -> Response:
-    await store_call(request, "rate", await request_user(request), message_id, body.rating, body.comment)
+async def rate(message_id: str, body: RatingRequest, user: UserId, store: StoreDep) -> Response:
+    await in_thread(store.rate, user, message_id, body.rating, body.comment)
     return Response(status_code=204)
 
 
@@ -240,29 +220,29 @@ async def rate(message_id: str, body: RatingRequest, request: Request) -> Respon
 
 
 @router.get("/personas")
-async def list_personas(request: Request) -> list[dict[str, Any]]:
-    return [persona_json(p) for p in await store_call(request, "personas", await request_user(request))]
+async def list_personas(user: UserId, store: StoreDep) -> list[dict[str, Any]]:
+    return [persona_json(p) for p in await in_thread(store.personas, user)]
 
 
 @router.post("/personas", status_code=201)
-async def create_persona(body: PersonaFields, request: Request) -> dict[str, Any]:
+async def create_persona(body: PersonaFields, user: UserId, store: StoreDep) -> dict[str, Any]:
     if not body.name:
         raise APIError(400, "A persona needs a name.", param="name")
     check_request_settings(body.settings)
     fields = body.model_dump(exclude_none=True)
-    return persona_json(await store_call(request, "create_persona", await request_user(request), **fields))
+    return persona_json(await in_thread(store.create_persona, user, **fields))
 
 
 @router.patch("/personas/{persona_id}")
-async def update_persona(persona_id: str, body: PersonaFields, request: Request) -> dict[str, Any]:
+async def update_persona(
+    persona_id: str, body: PersonaFields, user: UserId, store: StoreDep
+) -> dict[str, Any]:
     check_request_settings(body.settings)
     fields = body.model_dump(exclude_none=True)
-    return persona_json(
-        await store_call(request, "update_persona", await request_user(request), persona_id, **fields)
-    )
+    return persona_json(await in_thread(store.update_persona, user, persona_id, **fields))
 
 
 @router.delete("/personas/{persona_id}", status_code=204)
-async def delete_persona(persona_id: str, request: Request) -> Response:
-    await store_call(request, "delete_persona", await request_user(request), persona_id)
+async def delete_persona(persona_id: str, user: UserId, store: StoreDep) -> Response:
+    await in_thread(store.delete_persona, user, persona_id)
     return Response(status_code=204)

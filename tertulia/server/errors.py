@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from tertulia.errors import PromptError, TertuliaError
-from tertulia.providers.remote import UpstreamError
+from tertulia.providers.base import ProviderError
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ def install(app: FastAPI) -> None:
             response.headers["Retry-After"] = str(exc.retry_after)
         return response
 
-    @app.exception_handler(UpstreamError)
-    async def upstream_error(_: Request, exc: UpstreamError) -> JSONResponse:
+    @app.exception_handler(ProviderError)
+    async def provider_error(_: Request, exc: ProviderError) -> JSONResponse:
         # A remote model's own error keeps its status (a 400 is still the client's fault); a
         # failure to reach it is a 502.
         return JSONResponse(exc.body, status_code=exc.status)
@@ -74,7 +74,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(PromptError)
     async def prompt_error(_: Request, exc: PromptError) -> JSONResponse:
-        param = None if exc.code == "invalid_value" else "messages"
+        param = exc.param or (None if exc.code == "invalid_value" else "messages")
         return envelope(400, str(exc), "invalid_request_error", param, exc.code)
 
     @app.exception_handler(TertuliaError)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from tertulia.providers.local import ServedModel
+from tertulia.providers.base import EngineLoad, Provider, ReplyObserver
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 
@@ -61,23 +64,32 @@ class Metrics:
             registry=self.registry,
         )
 
-    def watch(self, model: ServedModel) -> None:
-        """Gauges read the engine when scraped; timings arrive from the engine thread."""
-        engine = model.runner.engine
-        self._queue.labels(model.name).set_function(lambda: len(engine.waiting))
-        self._running.labels(model.name).set_function(lambda: len(engine.running))
-        self._kv.labels(model.name).set_function(lambda: engine.blocks.used / engine.blocks.num_blocks)
-        self._prefix_hits.labels(model.name).set_function(
-            lambda: engine.blocks.hits * engine.blocks.block_size
-        )
-        self._preemptions.labels(model.name).set_function(lambda: engine.preemptions)
-        model.runner.observer = _ModelObserver(self, model.name)
+    def watch(self, model: Provider) -> None:
+        """Gauges read the model's engine when scraped (providers without one report none); timings
+        arrive from the engine thread."""
+        if model.engine_load() is None:
+            return
+        readings: list[tuple[Gauge, Callable[[EngineLoad], float]]] = [
+            (self._queue, lambda load: load.waiting),
+            (self._running, lambda load: load.running),
+            (self._kv, lambda load: load.kv_used),
+            (self._prefix_hits, lambda load: load.prefix_hit_tokens),
+            (self._preemptions, lambda load: load.preemptions),
+        ]
+        for gauge, read in readings:
+            gauge.labels(model.name).set_function(partial(_reading, model, read))
+        model.observe(_ModelObserver(self, model.name))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-class _ModelObserver:
+def _reading(model: Provider, read: Callable[[EngineLoad], float]) -> float:
+    load = model.engine_load()
+    return read(load) if load is not None else 0.0
+
+
+class _ModelObserver(ReplyObserver):
     def __init__(self, metrics: Metrics, model: str) -> None:
         self._ttft = metrics.ttft.labels(model)
         self._itl = metrics.itl.labels(model)

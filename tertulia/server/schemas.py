@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tertulia.engine.sampling import SamplingParams
+from tertulia.providers.base import ReplyRequest
 from tertulia.providers.options import MaxTokens, Options
 
 MAX_N = 16
@@ -58,6 +58,11 @@ class SamplingFields(Options):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
+    def chosen(self, **override: Any) -> Options:
+        """The sampling options of this body (checked already, as it was read)."""
+        values = {name: getattr(self, name) for name in Options.model_fields}
+        return Options.model_construct(**(values | override))
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
@@ -81,10 +86,11 @@ class ChatCompletionRequest(SamplingFields):
             for m in self.messages
         ]
 
-    def to_sampling(self) -> SamplingParams:
-        return self.sampling(
+    def reply_request(self) -> ReplyRequest:
+        return ReplyRequest(
+            messages=self.template_messages(),
+            options=self.chosen(max_tokens=self.max_completion_tokens or self.max_tokens),
             n=self.n,
-            max_tokens=self.max_completion_tokens or self.max_tokens,
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
             json_object=self.response_format is not None and self.response_format.type == "json_object",
         )
@@ -121,6 +127,10 @@ class CompletionRequest(SamplingFields):
             return [list(prompt)]  # type: ignore[arg-type]
         return list(prompt)  # type: ignore[arg-type]
 
-    def to_sampling(self) -> SamplingParams:
+    def reply_requests(self) -> list[ReplyRequest]:
+        """One request per prompt (each is a reply of its own, `n` choices each)."""
         max_tokens = DEFAULT_COMPLETION_TOKENS if self.max_tokens is None else self.max_tokens
-        return self.sampling(n=self.n, max_tokens=max_tokens, logprobs=self.logprobs)
+        chosen = self.chosen(max_tokens=max_tokens)
+        return [
+            ReplyRequest(prompt=p, options=chosen, n=self.n, logprobs=self.logprobs) for p in self.prompts()
+        ]

@@ -131,21 +131,27 @@ class LocalSpeed:
 
 def measure_local(spec: str | None, prompt_tokens: int = 256, decode_tokens: int = 48) -> LocalSpeed:
     """Load the model as `tertulia serve` does and time one prefill and one short generation."""
+    import asyncio
     import time
 
     import torch
 
-    from tertulia.engine.engine import Engine
-    from tertulia.engine.sampling import SamplingParams
-    from tertulia.models import registry
+    from tertulia.providers.base import ReplyRequest
+    from tertulia.providers.local import LocalProvider
+    from tertulia.providers.options import Options
 
-    model = registry.load(spec)
-    engine = Engine(model, quantization=registry.pick_quantization(model), max_batch=1, prefix_cache=False)
-    prompt = [t % model.config.vocab_size for t in range(1000, 1000 + prompt_tokens)]
-    params = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
-    list(engine.generate(prompt[:16], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)))
-    started = time.perf_counter()
-    stamps = [time.perf_counter() for _ in engine.generate(prompt, params)]
-    prefill = stamps[0] - started
-    decode = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    provider = LocalProvider.load(spec, max_batch=1, prefix_cache=False, inline=True)
+    vocab = provider.model.config.vocab_size
+    prompt = [t % vocab for t in range(1000, 1000 + prompt_tokens)]
+
+    async def stamps(ids: list[int], tokens: int) -> tuple[float, list[float]]:
+        options = Options(temperature=0, max_tokens=tokens)
+        started = time.perf_counter()
+        reply = await provider.reply(ReplyRequest(prompt=ids, options=options, ignore_eos=True))
+        return started, [time.perf_counter() async for event in reply if event.token_ids]
+
+    asyncio.run(stamps(prompt[:16], 4))  # warm-up
+    started, times = asyncio.run(stamps(prompt, decode_tokens))
+    prefill = times[0] - started
+    decode = (len(times) - 1) / (times[-1] - times[0])
     return LocalSpeed(prompt_tokens / prefill, decode, torch.get_num_threads())

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tertulia.chat.context import fit
 from tertulia.errors import PromptError
 
 
-def count_words(messages: list[dict]) -> int:
+def words(messages: list[dict]) -> int:
     """A stand-in token counter: one token per word plus 2 per message of overhead."""
     return sum(len(m["content"].split()) + 2 for m in messages)
+
+
+async def count_words(messages: list[dict]) -> int:
+    return words(messages)
 
 
 def conversation(turns: int, words: int = 10) -> list[dict]:
@@ -24,20 +30,20 @@ def conversation(turns: int, words: int = 10) -> list[dict]:
 
 def test_everything_fits_and_nothing_is_dropped() -> None:
     messages = conversation(3)
-    fitted = fit(messages, count_words, context=1000, reserve=100)
+    fitted = asyncio.run(fit(messages, count_words, context=1000, reserve=100))
     assert fitted.messages == messages
     assert fitted.dropped == 0
     assert fitted.notice is None
-    assert fitted.prompt_tokens == count_words(messages)
+    assert fitted.prompt_tokens == words(messages)
 
 
 def test_oldest_turns_are_dropped_first_and_system_is_kept() -> None:
     messages = conversation(5)  # 4 + 10 turns * 12 + 4 = 128 "tokens"
-    fitted = fit(messages, count_words, context=100, reserve=30)
+    fitted = asyncio.run(fit(messages, count_words, context=100, reserve=30))
     assert fitted.messages[0] == {"role": "system", "content": "be brief"}
     assert fitted.messages[-1]["content"] == "last question"
     assert fitted.prompt_tokens <= 70
-    assert fitted.prompt_tokens == count_words(fitted.messages)
+    assert fitted.prompt_tokens == words(fitted.messages)
     # The kept history is a suffix of the original that starts with a user turn.
     kept = fitted.messages[1:]
     assert kept == messages[len(messages) - len(kept) :]
@@ -46,14 +52,14 @@ def test_oldest_turns_are_dropped_first_and_system_is_kept() -> None:
     dropped = fitted.dropped
     assert dropped > 0 and dropped % 2 == 0
     one_more = [messages[0]] + messages[1 + dropped - 2 :]
-    assert count_words(one_more) > 70
+    assert words(one_more) > 70
     assert "left out" in (fitted.notice or "")
 
 
 def test_latest_message_that_cannot_fit_is_an_error() -> None:
     messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "word " * 200}]
     with pytest.raises(PromptError) as info:
-        fit(messages, count_words, context=100, reserve=20)
+        asyncio.run(fit(messages, count_words, context=100, reserve=20))
     assert info.value.code == "context_length_exceeded"
     assert "100" in info.value.message
 
@@ -62,11 +68,11 @@ def test_fitting_with_the_real_template(real_model) -> None:
     """Counting with the model's own template: the fitted prompt really fits."""
     template = real_model.template
 
-    def count(messages: list[dict]) -> int:
+    async def count(messages: list[dict]) -> int:
         return len(template.encode(messages))
 
     messages = conversation(40, words=30)
-    fitted = fit(messages, count, context=600, reserve=128)
+    fitted = asyncio.run(fit(messages, count, context=600, reserve=128))
     assert fitted.dropped > 0
     assert len(template.encode(fitted.messages)) + 128 <= 600
     assert fitted.messages[0]["role"] == "system"

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tests.answers import PARIS_QUESTIONS, ask_in_terminal_chat, assert_mostly
+from tests.server.conftest import LiveServer
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +51,8 @@ def test_interactive_session_keeps_history_and_runs_commands(embedded_dir) -> No
             "/help",
             "/temperature 0",
             "/temperature hot",
+            "/set top_k 40",
+            "/set seed 1.5",
             "My name is Alice. Reply with just OK.",
             "What is my name?",
             "/reset",
@@ -61,8 +64,9 @@ def test_interactive_session_keeps_history_and_runs_commands(embedded_dir) -> No
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "/system" in out  # the help text
-    assert "Temperature: 0.0" in out
-    assert "needs a number" in out
+    assert "temperature = 0" in out and "top_k = 40" in out
+    assert "Not changed: temperature: Input should be a valid number" in out
+    assert "Not changed: seed: Input should be a valid integer" in out
     assert "tok/s" in out
     assert "New conversation." in out
     assert "Unknown command /nonsense" in out
@@ -87,6 +91,21 @@ def test_bad_input_is_one_line_and_nonzero(args: list[str], fragment: str, embed
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error:")
     assert fragment.lower() in lines[0].lower()
+
+
+def test_chat_with_a_model_on_another_tertulia(live_server: LiveServer) -> None:
+    """`-m remote:NAME@URL`: the same one-shot and interactive chat, answered by another server."""
+    remote = f"remote:smollm2-135m@{live_server.base_url}"
+    asked = ["-p", PARIS_QUESTIONS[0], "--temperature", "0", "--max-tokens", "32"]
+    here, there = tertulia("chat", *asked), tertulia("chat", "-m", remote, *asked)
+    assert there.returncode == 0, there.stderr
+    assert "Paris" in there.stdout and there.stdout == here.stdout  # the same greedy reply
+    script = "My name is Alice. Reply with just OK.\nWhat is my name?\n/exit\n"
+    result = tertulia("chat", "-m", remote, "--max-tokens", "16", "--temperature", "0", stdin=script)
+    assert result.returncode == 0, result.stderr
+    assert f"smollm2-135m (remote at {live_server.base_url})" in result.stdout and "tok/s" in result.stdout
+    gone = tertulia("chat", "-m", "remote:x@http://127.0.0.1:9/v1", "-p", "hi")
+    assert gone.returncode == 1 and "unreachable" in gone.stderr and "Traceback" not in gone.stderr
 
 
 def test_models_lists_the_embedded_default() -> None:

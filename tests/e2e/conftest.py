@@ -15,7 +15,7 @@ import pytest
 
 from tertulia.engine.engine import Engine
 from tertulia.models import registry
-from tertulia.providers.local import LocalProvider, ServedModel
+from tertulia.providers.local import LocalProvider
 from tertulia.server.app import create_app
 from tertulia.store.conversations import Store
 from tertulia.store.database import open_store
@@ -89,7 +89,7 @@ def web(embedded_dir, tmp_path_factory) -> Iterator[WebServer]:
     """The embedded model served as `tertulia serve` serves it (int4), with an SQLite store."""
     model = registry.load("smollm2-135m")
     engine = Engine(model, quantization=registry.pick_quantization(model), max_batch=8)
-    served = ServedModel(LocalProvider(engine))
+    served = LocalProvider(engine)
     store = Store(open_store(f"sqlite:///{tmp_path_factory.mktemp('web') / 'chats.db'}"))
     with running(create_app([served], store=store)) as url:
         yield WebServer(url, served, store)

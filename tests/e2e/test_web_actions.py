@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tertulia.engine.engine import Engine
-from tertulia.providers.local import LocalProvider, ServedModel
+from tertulia.providers.local import LocalProvider
 from tertulia.server.app import create_app
 from tertulia.store.conversations import Store
 from tertulia.store.database import open_store
@@ -67,7 +67,7 @@ def test_a_message_too_long_is_refused_with_a_message_and_kept(page, web) -> Non
 
 @pytest.fixture
 def small_context(make_tiny_model, tmp_path: Path) -> Iterator[WebServer]:
-    served = ServedModel(LocalProvider(Engine(make_tiny_model(max_position_embeddings=256), max_batch=2)))
+    served = LocalProvider(Engine(make_tiny_model(max_position_embeddings=256), max_batch=2))
     store = Store(open_store(f"sqlite:///{tmp_path / 'small.db'}"))
     with running(create_app([served], store=store)) as url:
         yield WebServer(url, served, store)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tertulia.engine.engine import Engine
-from tertulia.providers.local import LocalProvider, ServedModel
+from tertulia.providers.local import LocalProvider
 from tertulia.server.app import create_app
 from tertulia.store.conversations import Store
 from tertulia.store.database import open_store
@@ -99,7 +99,7 @@ def test_a_persona_name_with_markup_is_shown_as_text(page, web) -> None:
 
 @pytest.fixture
 def auth_site(make_tiny_model, tmp_path: Path) -> Iterator[str]:
-    served = ServedModel(LocalProvider(Engine(make_tiny_model(max_position_embeddings=2048), max_batch=4)))
+    served = LocalProvider(Engine(make_tiny_model(max_position_embeddings=2048), max_batch=4))
     store = Store(open_store(f"sqlite:///{tmp_path / 'accounts.db'}"))
     with running(create_app([served], store=store, auth=True, setup_token="setup-123")) as url:
         yield url
@@ -224,7 +224,7 @@ def test_the_account_dialog_changes_the_password_and_disables_users(browser, aut
 
 
 def test_a_server_with_api_keys_asks_the_page_for_one(browser, make_tiny_model, tmp_path: Path) -> None:
-    served = ServedModel(LocalProvider(Engine(make_tiny_model(max_position_embeddings=2048), max_batch=2)))
+    served = LocalProvider(Engine(make_tiny_model(max_position_embeddings=2048), max_batch=2))
     store = Store(open_store(f"sqlite:///{tmp_path / 'keys.db'}"))
     with running(create_app([served], store=store, api_keys={"the-right-key"})) as url:
         assert httpx.get(f"{url}/api/conversations").status_code == 401

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
+from tertulia.engine.async_engine import AsyncEngine, RequestStream
 from tertulia.engine.engine import Engine
-from tertulia.engine.runner import EngineRunner, RequestStream
 from tertulia.engine.sampling import SamplingParams
 from tertulia.engine.sequence import SequenceFailed
 from tertulia.errors import PromptError
@@ -69,14 +69,14 @@ def test_a_draw_that_fails_late_replays_the_others_seeds(
 ) -> None:
     """The batch drew (every seeded generator advanced), then failed because of one row: the retry
     row by row starts the others' generators where they were, so their tokens are their solo ones."""
-    from tertulia.engine import engine as engine_module
+    from tertulia.engine import sampler as sampler_module
 
     prompts = [random_prompt(5, seed=i) for i in range(3)]
     expected = solo_outputs(make_tiny_model, prompts)
     engine = Engine(make_tiny_model(), max_batch=8)
     groups = [engine.add(p, sampled(seed=i)) for i, p in enumerate(prompts)]
     bad = groups[1][0].params
-    real_sample = engine_module.sample
+    real_sample = sampler_module.sample
 
     def fails_after_drawing(logits, params, *rest):  # type: ignore[no-untyped-def]
         tokens = real_sample(logits, params, *rest)
@@ -84,7 +84,7 @@ def test_a_draw_that_fails_late_replays_the_others_seeds(
             raise RuntimeError("failed after the draw")
         return tokens
 
-    monkeypatch.setattr(engine_module, "sample", fails_after_drawing)
+    monkeypatch.setattr(sampler_module, "sample", fails_after_drawing)
     run(engine)
     assert groups[1][0].finish_reason == "error"
     assert [groups[0][0].output, groups[2][0].output] == [expected[0], expected[2]]
@@ -139,7 +139,7 @@ def test_the_engine_thread_survives_a_request_that_fails(make_tiny_model: MakeMo
     thread keeps serving the others, which get the tokens they get when run alone."""
     prompts = [random_prompt(5, seed=i) for i in range(3)]
     expected = solo_outputs(make_tiny_model, prompts)
-    runner = EngineRunner(Engine(make_tiny_model(), max_batch=8))
+    runner = AsyncEngine(Engine(make_tiny_model(), max_batch=8))
     runner.start()
 
     async def scenario() -> list[list[int] | Exception]:

@@ -15,10 +15,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from tertulia.engine.engine import Engine
-from tertulia.models import registry
-from tertulia.providers.local import LocalProvider, ServedModel
-from tertulia.server.app import create_app
+from tertulia.providers.local import LocalProvider
 
 MODEL = "smollm2-135m"
 
@@ -26,7 +23,7 @@ MODEL = "smollm2-135m"
 @dataclass
 class LiveServer:
     url: str
-    model: ServedModel
+    model: LocalProvider
 
     @property
     def base_url(self) -> str:
@@ -34,7 +31,7 @@ class LiveServer:
 
     def wait_until_idle(self, timeout: float = 30.0) -> bool:
         """Until no request holds a KV block (a correctness wait, bounded; not a performance check)."""
-        engine = self.model.provider.engine
+        engine = self.model.engine
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if engine.idle:
@@ -95,12 +92,3 @@ def running(app: FastAPI) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
-
-
-@pytest.fixture(scope="session")
-def live_server(embedded_dir) -> Iterator[LiveServer]:
-    model = registry.load(MODEL)
-    engine = Engine(model, quantization=registry.pick_quantization(model), max_batch=16)
-    served = ServedModel(LocalProvider(engine))
-    with running(create_app([served])) as url:
-        yield LiveServer(url, served)

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tertulia.engine.engine import Engine
-from tertulia.providers.local import LocalProvider, ServedModel
+from tertulia.providers.local import LocalProvider
 from tertulia.server import throttle
 from tertulia.server.app import create_app
 from tertulia.store.conversations import Store
@@ -24,7 +24,7 @@ FIRST = {"name": "ana", "password": "correct horse", "setup_token": SETUP}
 
 @pytest.fixture
 def site(make_tiny_model, tmp_path: Path) -> Iterator[tuple[str, Store]]:
-    served = ServedModel(LocalProvider(Engine(make_tiny_model(max_position_embeddings=2048), max_batch=2)))
+    served = LocalProvider(Engine(make_tiny_model(max_position_embeddings=2048), max_batch=2))
     store = Store(open_store(f"sqlite:///{tmp_path / 'chats.db'}"))
     with running(create_app([served], store=store, auth=True, setup_token=SETUP)) as url:
         yield url, store
@@ -151,7 +151,7 @@ def test_metrics_and_the_schema_are_for_logged_in_users(site) -> None:
 
 
 def test_two_racing_first_registrations_make_one_admin(make_tiny_model, tmp_path: Path) -> None:
-    served = ServedModel(LocalProvider(Engine(make_tiny_model(), max_batch=2)))
+    served = LocalProvider(Engine(make_tiny_model(), max_batch=2))
     store = Store(open_store(f"sqlite:///{tmp_path / 'race.db'}"))
     with running(create_app([served], store=store, auth=True, setup_token=SETUP)) as url:
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tertulia.engine.engine import Engine
-from tertulia.providers.local import LocalProvider, ServedModel
+from tertulia.providers.local import LocalProvider
 from tertulia.server.app import create_app
 from tertulia.store.conversations import Store
 from tertulia.store.database import open_store
@@ -20,8 +20,8 @@ from tests.server.openapi_schema import validate
 
 
 @pytest.fixture
-def server(make_tiny_model, tmp_path: Path) -> Iterator[tuple[str, Store, ServedModel]]:
-    served = ServedModel(LocalProvider(Engine(make_tiny_model(max_position_embeddings=4096), max_batch=4)))
+def server(make_tiny_model, tmp_path: Path) -> Iterator[tuple[str, Store, LocalProvider]]:
+    served = LocalProvider(Engine(make_tiny_model(max_position_embeddings=4096), max_batch=4))
     store = Store(open_store(f"sqlite:///{tmp_path / 'chats.db'}"))
     with running(create_app([served], store=store)) as url:
         yield f"{url}/api", store, served
@@ -103,9 +103,9 @@ def test_stop_keeps_the_partial_reply_and_a_reload_sees_it_streaming(server) -> 
         received += next(stream)["text"]
     # The client went away (what Stop does): generation stops, the reply is kept, marked incomplete.
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not served.provider.engine.idle:
+    while time.monotonic() < deadline and not served.engine.idle:
         time.sleep(0.05)
-    assert served.provider.engine.idle
+    assert served.engine.idle
     reply = httpx.get(f"{api}/conversations/{conversation}").json()["messages"][-1]
     assert reply["id"] == start["assistant_message_id"]
     assert reply["status"] == "incomplete"
@@ -199,7 +199,7 @@ def test_unknown_ids_rating_rename_and_delete(server) -> None:
 
 
 def test_api_keys_guard_the_conversations_too(make_tiny_model, tmp_path: Path) -> None:
-    served = ServedModel(LocalProvider(Engine(make_tiny_model(), max_batch=2)))
+    served = LocalProvider(Engine(make_tiny_model(), max_batch=2))
     store = Store(open_store(f"sqlite:///{tmp_path / 'chats.db'}"))
     with running(create_app([served], api_keys={"k"}, store=store)) as url:
         assert httpx.get(f"{url}/api/conversations").status_code == 401
@@ -324,7 +324,7 @@ def test_models_and_the_context_meter(server) -> None:
 
 
 def test_the_meter_says_when_old_turns_are_left_out(make_tiny_model, tmp_path: Path) -> None:
-    served = ServedModel(LocalProvider(Engine(make_tiny_model(max_position_embeddings=256), max_batch=2)))
+    served = LocalProvider(Engine(make_tiny_model(max_position_embeddings=256), max_batch=2))
     store = Store(open_store(f"sqlite:///{tmp_path / 'chats.db'}"))
     with running(create_app([served], store=store)) as url:
         api = f"{url}/api"

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
 from tertulia.engine.engine import Engine
-from tertulia.providers.local import LocalProvider, ServedModel
+from tertulia.providers.local import LocalProvider
 from tertulia.server.app import create_app
 from tertulia.store.conversations import Store
 from tertulia.store.database import open_store
@@ -27,7 +27,7 @@ EXAMPLES_PER_ROUTE = 80
 
 
 def test_no_generated_request_gets_a_server_error(make_tiny_model, tmp_path: Path) -> None:
-    served = ServedModel(LocalProvider(Engine(make_tiny_model(max_position_embeddings=256), max_batch=4)))
+    served = LocalProvider(Engine(make_tiny_model(max_position_embeddings=256), max_batch=4))
     store = Store(open_store(f"sqlite:///{tmp_path / 'chats.db'}"))
     with running(create_app([served], store=store)) as url:
         schema = schemathesis.openapi.from_url(f"{url}/openapi.json").include(path_regex="^/(v1|api)/")

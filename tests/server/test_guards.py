@@ -10,22 +10,22 @@ import openai
 import pytest
 
 from tertulia.engine.engine import Engine
-from tertulia.providers.local import LocalProvider, ServedModel
+from tertulia.providers.local import LocalProvider
 from tertulia.server.app import create_app
 from tests.server.conftest import running
 from tests.server.openapi_schema import validate
 
 
 @pytest.fixture
-def tiny_served(make_tiny_model) -> ServedModel:
-    return ServedModel(LocalProvider(Engine(make_tiny_model(max_position_embeddings=4096), max_batch=4)))
+def tiny_served(make_tiny_model) -> LocalProvider:
+    return LocalProvider(Engine(make_tiny_model(max_position_embeddings=4096), max_batch=4))
 
 
 def chat_body(model: str, **extra: object) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
 
 
-def test_api_keys_guard_v1_but_not_health(tiny_served: ServedModel) -> None:
+def test_api_keys_guard_v1_but_not_health(tiny_served: LocalProvider) -> None:
     with running(create_app([tiny_served], api_keys={"s3cret", "other"})) as url:
         assert httpx.get(f"{url}/health").status_code == 200
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
@@ -41,7 +41,7 @@ def test_api_keys_guard_v1_but_not_health(tiny_served: ServedModel) -> None:
             openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
 
 
-def test_oversized_and_undecodable_bodies(tiny_served: ServedModel) -> None:
+def test_oversized_and_undecodable_bodies(tiny_served: LocalProvider) -> None:
     with running(create_app([tiny_served])) as url:
         huge = chat_body(tiny_served.name)
         huge["messages"][0]["content"] = "x" * (5 * 1024 * 1024)
@@ -70,7 +70,7 @@ def test_oversized_and_undecodable_bodies(tiny_served: ServedModel) -> None:
         validate(garbage.json(), "ErrorResponse")
 
 
-def test_full_queue_answers_429_with_retry_after(tiny_served: ServedModel) -> None:
+def test_full_queue_answers_429_with_retry_after(tiny_served: LocalProvider) -> None:
     with running(create_app([tiny_served], max_queue=1)) as url:
         started, release = threading.Event(), threading.Event()
 
@@ -93,7 +93,7 @@ def test_full_queue_answers_429_with_retry_after(tiny_served: ServedModel) -> No
         assert busy.json()["error"]["type"] == "rate_limit_error"
 
 
-def test_only_the_names_it_serves_are_answered(tiny_served: ServedModel, make_tiny_model, tmp_path) -> None:
+def test_only_the_names_it_serves_are_answered(tiny_served: LocalProvider, make_tiny_model, tmp_path) -> None:
     """DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 sends
     `Host: evil.example`; it is refused before reaching any route."""
     from tertulia.store.conversations import Store
@@ -109,13 +109,13 @@ def test_only_the_names_it_serves_are_answered(tiny_served: ServedModel, make_ti
             validate(response.json(), "ErrorResponse")
         for name in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
             assert httpx.get(f"{url}/api/conversations", headers={"Host": name}).status_code == 200
-    another = ServedModel(LocalProvider(Engine(make_tiny_model(), max_batch=2)))
+    another = LocalProvider(Engine(make_tiny_model(), max_batch=2))
     with running(create_app([another], store=store, allowed_hosts=frozenset({"chat.example:443"}))) as url:
         assert httpx.get(f"{url}/api/conversations", headers={"Host": "chat.example"}).status_code == 200
         assert httpx.get(f"{url}/api/conversations", headers={"Host": "localhost"}).status_code == 400
 
 
-def test_another_sites_page_cannot_change_anything(tiny_served: ServedModel, tmp_path) -> None:
+def test_another_sites_page_cannot_change_anything(tiny_served: LocalProvider, tmp_path) -> None:
     from tertulia.store.conversations import Store
     from tertulia.store.database import open_store
 
@@ -156,7 +156,7 @@ def test_the_served_names_follow_the_bound_address() -> None:
     assert "chat.example" in allowed_hosts("0.0.0.0", ["chat.example"])
 
 
-def test_the_api_docs_load_nothing_from_the_internet(tiny_served: ServedModel) -> None:
+def test_the_api_docs_load_nothing_from_the_internet(tiny_served: LocalProvider) -> None:
     with running(create_app([tiny_served])) as url:
         page = httpx.get(f"{url}/docs")
         assert page.status_code == 200
@@ -170,7 +170,7 @@ def test_the_api_docs_load_nothing_from_the_internet(tiny_served: ServedModel) -
 
 @pytest.mark.parametrize("public", [False, True])
 def test_metrics_and_the_schema_take_a_key_when_the_server_does(make_tiny_model, public: bool) -> None:
-    served = ServedModel(LocalProvider(Engine(make_tiny_model(), max_batch=2)))
+    served = LocalProvider(Engine(make_tiny_model(), max_batch=2))
     with running(create_app([served], api_keys={"k"}, public_metrics=public)) as url:
         key = {"Authorization": "Bearer k"}
         assert httpx.get(f"{url}/metrics").status_code == (200 if public else 401)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tertulia.engine.engine import Engine
-from tertulia.providers.local import LocalProvider, ServedModel
+from tertulia.providers.local import LocalProvider
 from tertulia.server.app import create_app
 from tertulia.server.schemas import MAX_PROMPTS
 from tertulia.store.conversations import Store
@@ -24,10 +24,8 @@ STREAMS = 16
 
 
 @pytest.fixture
-def server(make_tiny_model, tmp_path: Path) -> Iterator[tuple[str, ServedModel]]:
-    served = ServedModel(
-        LocalProvider(Engine(make_tiny_model(max_position_embeddings=2048), max_batch=STREAMS))
-    )
+def server(make_tiny_model, tmp_path: Path) -> Iterator[tuple[str, LocalProvider]]:
+    served = LocalProvider(Engine(make_tiny_model(max_position_embeddings=2048), max_batch=STREAMS))
     store = Store(open_store(f"sqlite:///{tmp_path / 'chats.db'}"))
     with running(create_app([served], store=store, max_queue=64)) as url:
         yield url, served
@@ -110,7 +108,7 @@ def test_sixteen_streams_finish_untouched_while_bad_requests_arrive(server) -> N
 
 
 def test_a_list_of_prompts_counts_against_the_queue(make_tiny_model) -> None:
-    served = ServedModel(LocalProvider(Engine(make_tiny_model(), max_batch=4)))
+    served = LocalProvider(Engine(make_tiny_model(), max_batch=4))
     with running(create_app([served], max_queue=8)) as url:
         body = {"model": served.name, "max_tokens": 2}
         too_many = httpx.post(f"{url}/v1/completions", json=dict(body, prompt=["hi"] * 9), timeout=60)
@@ -144,8 +142,8 @@ def slowed(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Engine:
 def test_a_client_that_leaves_a_whole_answer_frees_the_engine(
     make_tiny_model, route: str, monkeypatch
 ) -> None:
-    served = ServedModel(LocalProvider(Engine(make_tiny_model(max_position_embeddings=4096), max_batch=4)))
-    engine = slowed(served.provider.engine, monkeypatch)
+    served = LocalProvider(Engine(make_tiny_model(max_position_embeddings=4096), max_batch=4))
+    engine = slowed(served.engine, monkeypatch)
     no_end = {str(token): -100 for token in engine.stop_ids}
     body: dict = {
         "model": served.name,
@@ -177,7 +175,7 @@ def test_a_runaway_chat_template_fails_its_request_alone(make_tiny_model) -> Non
         "{% for m in messages %}{% for i in range(100000) %}{{ m['content'] }}{% endfor %}{% endfor %}",
         model.tokenizer,
     )
-    served = ServedModel(LocalProvider(Engine(model, max_batch=2)))
+    served = LocalProvider(Engine(model, max_batch=2))
     with running(create_app([served])) as url:
         body = {"model": served.name, "messages": [{"role": "user", "content": "x" * 100}], "max_tokens": 2}
         response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
@@ -188,11 +186,11 @@ def test_a_runaway_chat_template_fails_its_request_alone(make_tiny_model) -> Non
 def test_a_queued_stream_hears_from_the_server_while_it_waits(make_tiny_model, monkeypatch) -> None:
     """One slot, taken by a long reply: the next streamed request waits its turn, and gets a first
     byte at once and an SSE comment every HEARTBEAT_SECONDS, so a client's read timeout never fires."""
-    from tertulia.server import openai_api
+    from tertulia.server import streaming
 
-    monkeypatch.setattr(openai_api, "HEARTBEAT_SECONDS", 0.2)
-    served = ServedModel(LocalProvider(Engine(make_tiny_model(max_position_embeddings=4096), max_batch=1)))
-    engine = slowed(served.provider.engine, monkeypatch)
+    monkeypatch.setattr(streaming, "HEARTBEAT_SECONDS", 0.2)
+    served = LocalProvider(Engine(make_tiny_model(max_position_embeddings=4096), max_batch=1))
+    engine = slowed(served.engine, monkeypatch)
     no_end = {str(token): -100 for token in engine.stop_ids}
     long_body = {
         "model": served.name,
@@ -223,10 +221,9 @@ def test_a_queued_stream_hears_from_the_server_while_it_waits(make_tiny_model, m
 def test_prompts_are_tokenized_off_the_event_loop(make_tiny_model, monkeypatch, route: str) -> None:
     """While one request's prompt is being templated and tokenized (held here until released),
     the server keeps answering others: that work does not run on the event loop."""
-    served = ServedModel(LocalProvider(Engine(make_tiny_model(), max_batch=2)))
+    served = LocalProvider(Engine(make_tiny_model(), max_batch=2))
     entered, release = threading.Event(), threading.Event()
-    provider = served.provider
-    encode_chat, encode_text = provider.encode_chat, served.encode_text
+    encode_chat, encode_text = served.encode_chat, served.encode_text
 
     def held(encode):  # type: ignore[no-untyped-def]
         def run(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -236,7 +233,7 @@ def test_prompts_are_tokenized_off_the_event_loop(make_tiny_model, monkeypatch, 
 
         return run
 
-    monkeypatch.setattr(provider, "encode_chat", held(encode_chat))
+    monkeypatch.setattr(served, "encode_chat", held(encode_chat))
     monkeypatch.setattr(served, "encode_text", held(encode_text))
     body: dict = {"model": served.name, "max_tokens": 2}
     if route == "chat/completions":

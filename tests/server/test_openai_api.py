@@ -45,9 +45,9 @@ def test_chat_completion_answers_and_counts_tokens(live_server: LiveServer, clie
     reply = replies[0]
     choice = reply.choices[0]
     assert choice.finish_reason == "stop"
-    prompt = live_server.model.provider.encode_chat(QUESTION)
+    prompt = live_server.model.encode_chat(QUESTION)
     assert reply.usage.prompt_tokens == len(prompt)
-    tokenizer = live_server.model.provider.model.tokenizer
+    tokenizer = live_server.model.model.tokenizer
     # The completion tokens are the text's tokens plus the end-of-turn token.
     assert reply.usage.completion_tokens == len(tokenizer.encode(choice.message.content)) + 1
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
@@ -214,7 +214,7 @@ def test_disconnected_client_frees_its_blocks(live_server: LiveServer) -> None:
             line for line in response.iter_lines() if '"content": "' in line and '"content": ""' not in line
         )
         next(tokens)  # generating: the request holds its blocks
-        engine = live_server.model.provider.engine
+        engine = live_server.model.engine
         assert len(engine.running) == 2 and engine.blocks.used >= 2
     assert live_server.wait_until_idle(), "the aborted request still holds KV blocks"
 

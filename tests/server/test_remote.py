@@ -12,8 +12,8 @@ import pytest
 
 from tertulia.engine.engine import Engine
 from tertulia.errors import TertuliaError
-from tertulia.providers.local import LocalProvider, ServedModel
-from tertulia.providers.remote import RemoteChat, RemoteModel, parse_spec
+from tertulia.providers.local import LocalProvider
+from tertulia.providers.remote import RemoteProvider, RemoteReply, parse_spec
 from tertulia.server.app import create_app
 from tertulia.store.conversations import Store
 from tertulia.store.database import open_store
@@ -25,12 +25,12 @@ QUESTION = [{"role": "user", "content": "hello there"}]
 
 
 @pytest.fixture
-def upstream_model(make_tiny_model) -> ServedModel:
-    return ServedModel(LocalProvider(Engine(make_tiny_model(), max_batch=4)))
+def upstream_model(make_tiny_model) -> LocalProvider:
+    return LocalProvider(Engine(make_tiny_model(), max_batch=4))
 
 
-def remote(name: str, url: str, **extra: object) -> RemoteModel:
-    return RemoteModel(name, f"{url}/v1", backoff=0.01, **extra)  # type: ignore[arg-type]
+def remote(name: str, url: str, **extra: object) -> RemoteProvider:
+    return RemoteProvider(name, f"{url}/v1", backoff=0.01, **extra)  # type: ignore[arg-type]
 
 
 def test_spec_parsing() -> None:
@@ -40,7 +40,7 @@ def test_spec_parsing() -> None:
             parse_spec(bad)
 
 
-def test_requests_pass_through_both_ways(upstream_model: ServedModel) -> None:
+def test_requests_pass_through_both_ways(upstream_model: LocalProvider) -> None:
     name = upstream_model.name
     with running(create_app([upstream_model])) as up, running(create_app([remote(name, up)])) as front:
         direct = openai.OpenAI(base_url=f"{up}/v1", api_key="x", max_retries=0)
@@ -66,7 +66,7 @@ def test_requests_pass_through_both_ways(upstream_model: ServedModel) -> None:
         )
 
 
-def test_upstream_errors_keep_their_status_and_envelope(upstream_model: ServedModel) -> None:
+def test_upstream_errors_keep_their_status_and_envelope(upstream_model: LocalProvider) -> None:
     name = upstream_model.name
     with running(create_app([upstream_model], api_keys={"k"})) as up:
         with running(create_app([remote(name, up, api_key="k")])) as front:
@@ -80,7 +80,7 @@ def test_upstream_errors_keep_their_status_and_envelope(upstream_model: ServedMo
             validate(response.json(), "ErrorResponse")
 
 
-def test_busy_upstream_is_retried_then_reported(upstream_model: ServedModel) -> None:
+def test_busy_upstream_is_retried_then_reported(upstream_model: LocalProvider) -> None:
     name = upstream_model.name
     with running(create_app([upstream_model], max_queue=0)) as up:
         with running(create_app([remote(name, up, retries=2)])) as front:
@@ -107,7 +107,7 @@ def test_unreachable_upstream_is_a_502() -> None:
 
 
 def test_a_conversation_with_a_remote_model_streams_and_is_kept(
-    upstream_model: ServedModel, tmp_path
+    upstream_model: LocalProvider, tmp_path
 ) -> None:
     name = upstream_model.name
     store = Store(open_store(f"sqlite:///{tmp_path / 'chats.db'}"))
@@ -152,11 +152,17 @@ class Chunks(httpx.AsyncByteStream):
             yield chunk
 
 
-def read_pieces(chunks: list[bytes]) -> list:
-    async def collect() -> list:
-        return [d async for d in RemoteChat(httpx.Response(200, stream=Chunks(chunks))).pieces()]
+def read_events(chunks: list[bytes]) -> tuple[list, RemoteReply]:
+    reply = RemoteReply(httpx.Response(200, stream=Chunks(chunks)))
 
-    return asyncio.run(collect())
+    async def collect() -> list:
+        return [e async for e in reply]
+
+    return asyncio.run(collect()), reply
+
+
+def read_pieces(chunks: list[bytes]) -> list:
+    return read_events(chunks)[0]
 
 
 def chunk(text: str, finish: str | None = None) -> dict:
@@ -175,10 +181,10 @@ def test_remote_streams_are_read_whatever_their_line_endings_and_splits() -> Non
     )
     raw = body.encode()
     split = [raw[i : i + 7] for i in range(0, len(raw), 7)]  # splits inside lines and inside "ñ"
-    pieces = read_pieces(split)
+    pieces, reply = read_events(split)
     assert "".join(p.text for p in pieces) == "Hola ñ"
     assert [p.finish_reason for p in pieces if p.finish_reason] == ["stop"]
-    assert pieces[-1].completion_tokens == 3
+    assert reply.usage.completion_tokens == 3  # the upstream's own count replaces the pieces counted
     # A last event with no blank line after it still counts; junk and non-object events are skipped.
     tail = (
         b'data: 5\n\ndata: [1]\n\n: a comment\n\ndata: {"choices": [{"index": 0, "delta": {"content": "x"}}]}'
@@ -206,7 +212,7 @@ def test_a_remote_conversation_whose_upstream_is_down_stores_nothing(tmp_path) -
 
 
 def test_stopping_a_remote_reply_stops_the_upstream(make_tiny_model, tmp_path) -> None:
-    upstream_model = ServedModel(LocalProvider(Engine(make_tiny_model(max_position_embeddings=4096))))
+    upstream_model = LocalProvider(Engine(make_tiny_model(max_position_embeddings=4096)))
     name = upstream_model.name
     store = Store(open_store(f"sqlite:///{tmp_path / 'chats.db'}"))
     with (
@@ -223,9 +229,9 @@ def test_stopping_a_remote_reply_stops_the_upstream(make_tiny_model, tmp_path) -
             assert next(stream)["type"] == "delta"
         # The page went away: the front closes its upstream request, whose engine then stops.
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not upstream_model.provider.engine.idle:
+        while time.monotonic() < deadline and not upstream_model.engine.idle:
             time.sleep(0.05)
-        assert upstream_model.provider.engine.idle
+        assert upstream_model.engine.idle
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             reply = httpx.get(f"{api}/conversations/{conversation}").json()["messages"][-1]

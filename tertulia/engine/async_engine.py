@@ -1,8 +1,14 @@
-"""The engine in its own thread, so servers never block their event loop on a forward pass.
+"""The engine driven from asyncio: requests go in as calls, outputs come back as `async for`.
 
-Requests and aborts reach the thread through an inbox; outputs go back to each request's asyncio
-queue with `call_soon_threadsafe`. While any request is running the thread steps the engine
-continuously: new requests join the running batch at the next step (continuous batching).
+Two ways to drive it, chosen when it is made. Served (`start()` or `run_here()`): the engine steps
+in a thread of its own, so the event loop never blocks on a forward pass; requests and aborts reach
+that thread through an inbox, outputs go back to each request's asyncio queue with
+`call_soon_threadsafe`, and new requests join the running batch at the next step (continuous
+batching). Inline: whoever reads a stream steps the engine, in its own thread, as a one-user terminal
+or an evaluation does; streams read together (`asyncio.gather`) still share each step's batch. That
+thread is usually the main one, where torch's OpenMP workers run at full speed.
+
+This module knows nothing of HTTP, chat messages or sampling options as users write them.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ log = logging.getLogger(__name__)
 _DONE = object()
 
 
-class RunnerObserver(Protocol):
+class EngineObserver(Protocol):
     """Receives timings from the engine thread (the server turns them into Prometheus metrics)."""
 
     def first_token(self, seconds: float) -> None: ...
@@ -39,7 +45,7 @@ class RunnerObserver(Protocol):
 class RequestStream:
     """One request's outputs, consumed with `async for` on the loop that submitted it."""
 
-    runner: EngineRunner
+    owner: AsyncEngine
     loop: asyncio.AbstractEventLoop
     prompt: list[int]
     params: SamplingParams
@@ -50,10 +56,17 @@ class RequestStream:
     last_token: dict[int, float] = field(default_factory=dict)
 
     def push(self, item: object) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        if self.owner.inline:
+            self.queue.put_nowait(item)
+        else:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
     async def __aiter__(self) -> AsyncIterator[StepOutput]:
         while True:
+            if self.owner.inline:
+                while self.queue.empty():
+                    self.owner.step_inline()
+                await asyncio.sleep(0)  # streams read together take turns (and submit before a step)
             item = await self.queue.get()
             if item is _DONE:
                 return
@@ -64,12 +77,15 @@ class RequestStream:
     def cancel(self) -> None:
         """Stop generating (client went away): frees the KV slots at the engine's next step."""
         if not self.finished:
-            self.runner.abort(self)
+            self.owner.abort(self)
 
 
-class EngineRunner:
-    def __init__(self, engine: Engine, observer: RunnerObserver | None = None) -> None:
+class AsyncEngine:
+    def __init__(
+        self, engine: Engine, observer: EngineObserver | None = None, *, inline: bool = False
+    ) -> None:
         self.engine = engine
+        self.inline = inline
         self.observer = observer
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -78,6 +94,7 @@ class EngineRunner:
         self._thread = threading.Thread(target=self._run, name="tertulia-engine", daemon=True)
 
     def start(self) -> None:
+        assert not self.inline, "an inline engine is stepped by its readers"
         self._thread.start()
 
     def run_here(self) -> None:
@@ -87,6 +104,7 @@ class EngineRunner:
         throttled spin-wait (more threads than cores once the main thread has used torch), which
         halved decode speed when the engine ran in a background thread.
         """
+        assert not self.inline, "an inline engine is stepped by its readers"
         self._run()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -112,6 +130,9 @@ class EngineRunner:
         self._send(lambda: self._abort(stream))
 
     def _send(self, command: Callable[[], None]) -> None:
+        if self.inline:  # the caller's thread is the engine's
+            command()
+            return
         self._inbox.put(command)
         self._wake.set()
 
@@ -153,14 +174,24 @@ class EngineRunner:
             self._streams.pop(stream.sequences[0].group, None)
         stream.push(_DONE)
 
+    def step_inline(self) -> None:
+        """One step of the engine in the caller's thread (inline mode)."""
+        if self.engine.has_work:
+            self._step()
+        elif self._streams:  # nothing can end them now: a bug, not a wait
+            raise RuntimeError("requests are open but the engine has no work")
+
+    def _take_commands(self) -> None:
+        while not self._inbox.empty():
+            command = self._inbox.get()
+            try:
+                command()
+            except Exception:  # a bug in one command must not stop the engine for everyone
+                log.exception("engine command failed")
+
     def _run(self) -> None:
         while True:
-            while not self._inbox.empty():
-                command = self._inbox.get()
-                try:
-                    command()
-                except Exception:  # a bug in one command must not stop the engine for everyone
-                    log.exception("engine command failed")
+            self._take_commands()
             if self._stopping:
                 for stream in list(self._streams.values()):
                     self.engine.abort(stream.sequences)
@@ -172,30 +203,34 @@ class EngineRunner:
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:  # a bug in a step must not kill the server: fail those requests
-                log.exception("engine step failed")
-                for stream in list(self._streams.values()):
-                    self.engine.abort(stream.sequences)
-                    stream.push(exc)
-                    self._finish(stream)
+            self._step()
+
+    def _step(self) -> None:
+        """Step the engine once and hand each output to its request's stream."""
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # a bug in a step must not kill the server: fail those requests
+            log.exception("engine step failed")
+            for stream in list(self._streams.values()):
+                self.engine.abort(stream.sequences)
+                stream.push(exc)
+                self._finish(stream)
+            return
+        touched: set[int] = set()
+        now = time.perf_counter()
+        for out in outputs:
+            stream = self._streams.get(out.sequence.group)
+            if stream is None:
                 continue
-            touched: set[int] = set()
-            now = time.perf_counter()
-            for out in outputs:
-                stream = self._streams.get(out.sequence.group)
-                if stream is None:
-                    continue
-                if out.sequence.error is not None:  # this request alone failed: end all its choices
-                    self.engine.abort(stream.sequences)
-                    stream.push(out.sequence.error)
-                    self._finish(stream)
-                    continue
-                self._observe(stream, out, now)
-                stream.push(out)
-                touched.add(out.sequence.group)
-            for group in touched:
-                stream = self._streams.get(group)
-                if stream is not None and all(s.finish_reason is not None for s in stream.sequences):
-                    self._finish(stream)
+            if out.sequence.error is not None:  # this request alone failed: end all its choices
+                self.engine.abort(stream.sequences)
+                stream.push(out.sequence.error)
+                self._finish(stream)
+                continue
+            self._observe(stream, out, now)
+            stream.push(out)
+            touched.add(out.sequence.group)
+        for group in touched:
+            stream = self._streams.get(group)
+            if stream is not None and all(s.finish_reason is not None for s in stream.sequences):
+                self._finish(stream)
