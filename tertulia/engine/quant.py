@@ -38,7 +38,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from tertulia.engine.kv_cache import PrefillAttention, one_sequence
+from tertulia.engine.attention import PrefillAttention
+from tertulia.engine.kv_cache import one_sequence
 from tertulia.errors import TertuliaError
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from tertulia.engine.kv_cache import PrefillAttention, one_sequence
+from tertulia.engine.attention import PrefillAttention
+from tertulia.engine.kv_cache import one_sequence
 from tertulia.models.llama import LlamaModel
 
 

@@ -11,10 +11,11 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from tertulia.engine.attention import PrefillAttention
 from tertulia.engine.blocks import BLOCK_SIZE
 from tertulia.engine.detokenize import IncrementalDetokenizer
 from tertulia.engine.engine import Engine
-from tertulia.engine.kv_cache import KVCache, PrefillAttention, bytes_per_position
+from tertulia.engine.kv_cache import KVCache, bytes_per_position
 from tertulia.engine.sampling import SamplingParams
 from tertulia.engine.sequence import Sequence, Status, StepOutput
 from tertulia.errors import PromptError, TertuliaError
@@ -606,7 +607,7 @@ def test_tiny_temperature_and_huge_seed_sample_fine(make_tiny_model: MakeModel) 
 
 
 def test_long_prompt_prefills_in_chunks_while_others_keep_decoding(make_tiny_model: MakeModel) -> None:
-    from tertulia.engine.engine import PREFILL_CHUNK
+    from tertulia.engine.scheduler import PREFILL_CHUNK
 
     model = make_tiny_model(max_position_embeddings=4096)
     long_prompt = random_prompt(3 * PREFILL_CHUNK - 10, seed=3)
@@ -629,7 +630,7 @@ def test_long_prompt_prefills_in_chunks_while_others_keep_decoding(make_tiny_mod
 
 
 def test_abort_during_prefill_frees_the_slots(make_tiny_model: MakeModel) -> None:
-    from tertulia.engine.engine import PREFILL_CHUNK
+    from tertulia.engine.scheduler import PREFILL_CHUNK
 
     engine = Engine(make_tiny_model(max_position_embeddings=4096), max_batch=3)
     prompt_length = 2 * PREFILL_CHUNK + 5

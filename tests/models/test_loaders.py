@@ -24,7 +24,8 @@ import torch
 from gguf import GGMLQuantizationType as QType
 from safetensors.torch import save_file
 
-from tertulia.engine.kv_cache import DecodeAttention, KVCache, PrefillAttention, one_sequence
+from tertulia.engine.attention import DecodeAttention, PrefillAttention
+from tertulia.engine.kv_cache import KVCache, one_sequence
 from tertulia.errors import ModelLoadError
 from tertulia.models import registry
 from tertulia.models.llama import interleave_rotary

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import torch
 
+from tertulia.engine.attention import DecodeAttention, PrefillAttention
 from tertulia.engine.engine import Engine
-from tertulia.engine.kv_cache import DecodeAttention, PrefillAttention, one_sequence
+from tertulia.engine.kv_cache import one_sequence
 from tertulia.engine.sampling import SamplingParams
 from tertulia.models.registry import LoadedModel
 from tertulia.models.tokenizer import Tokenizer

@@ -71,7 +71,8 @@ def test_a_lora_run_writes_a_merged_model_that_tertulia_loads_and_describes(
     reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         expected = reference(torch.tensor([ids])).logits[0]
-    from tertulia.engine.kv_cache import PrefillAttention, one_sequence
+    from tertulia.engine.attention import PrefillAttention
+    from tertulia.engine.kv_cache import one_sequence
 
     cache, table = one_sequence(loaded.config, len(ids))
     with torch.inference_mode():
