@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test test-portable bench lint install dev clean
+.PHONY: run test test-portable bench bench-ab lint install dev clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -86,6 +86,12 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/finetune.py --rounds 3
 	$(PY) benchmarks/json_mode.py
 	$(PY) benchmarks/int4_cache.py
+	$(PY) benchmarks/report.py
+
+# Serving speed of the working tree against another commit, in one run: make bench-ab BASE=REF
+BASE ?= HEAD
+bench-ab: $(DEV_STAMP)
+	$(PY) benchmarks/ab.py --base $(BASE)
 	$(PY) benchmarks/report.py
 
 lint: $(DEV_STAMP)

@@ -89,7 +89,34 @@ def int4_cache(result: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS: dict[str, Callable[[dict], str]] = {"json_mode": json_mode, "int4_cache": int4_cache}
+def ab(result: dict) -> str:
+    settings, medians = result["settings"], result["medians"]
+    base_name, this_name = list(medians)
+    levels = " ".join(str(n) for n in settings["levels"])
+    lines = [
+        "## Serving speed across a change (A/B)",
+        "",
+        f"Command: `python benchmarks/ab.py --base {settings['base']} --levels {levels} --tokens "
+        f"{settings['tokens']} --rounds {settings['rounds']}`. {machine_line(result)}",
+        "",
+        f"Commit {settings['base']} and the tree at the commit above, served side by side on loopback and "
+        f"measured in turns (ABBA), {settings['rounds']} rounds; each round is that many concurrent greedy "
+        f"streaming chats of {settings['tokens']} tokens. Medians:",
+        "",
+        f"| streams | {base_name} tok/s | this tree tok/s | ratio | {base_name} TTFT p95 "
+        "| this tree TTFT p95 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in settings["levels"]:
+        base, this = medians[base_name][str(n)], medians[this_name][str(n)]
+        lines.append(
+            f"| {n} | {base['tok/s']:.1f} | {this['tok/s']:.1f} | {result['ratio_tok_s'][str(n)]:.2f}× | "
+            f"{base['ttft p95']:.2f} s | {this['ttft p95']:.2f} s |"
+        )
+    return "\n".join(lines)
+
+
+RENDERERS: dict[str, Callable[[dict], str]] = {"json_mode": json_mode, "int4_cache": int4_cache, "ab": ab}
 
 
 def generated() -> str:

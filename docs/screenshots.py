@@ -22,7 +22,7 @@ from playwright.sync_api import Page, sync_playwright
 
 from tertulia.engine.engine import Engine
 from tertulia.models import registry
-from tertulia.providers.local import LocalProvider, ServedModel
+from tertulia.providers.local import LocalProvider
 from tertulia.server.app import create_app
 from tertulia.store.conversations import Store
 from tertulia.store.database import open_store
@@ -39,7 +39,7 @@ def serve() -> tuple[str, uvicorn.Server]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    app = create_app([ServedModel(LocalProvider(engine))], store=store)
+    app = create_app([LocalProvider(engine)], store=store)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     url = f"http://127.0.0.1:{port}"

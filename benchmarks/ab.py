@@ -1,0 +1,122 @@
+"""Did a change keep the serving speed? The same HTTP load on two versions of Tertulia, in one run.
+
+    python benchmarks/ab.py --base REF [--levels 1 16] [--tokens 64] [--rounds 5]
+
+The commit REF is unpacked into a temporary directory (`git archive`) and served by the same Python,
+with the same TERTULIA_HOME, as the working tree. Both servers run at once on loopback (an idle one
+costs nothing) and are measured in turns, ABBA, so that drift in a noisy machine hits both alike. Each
+turn is one round of `serve_load.py`: `level` concurrent greedy streaming chats of `tokens` tokens.
+Prints and records (results/ab.json) the median aggregate tok/s and TTFT p95 of each, and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from io import BytesIO
+from pathlib import Path
+
+from machine import describe
+from serve_load import free_port, level, start
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULT = Path(__file__).parent / "results" / "ab.json"
+
+
+def unpack(ref: str, into: Path) -> str:
+    """The package as it was at `ref`, under `into`; returns the short commit."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", ref], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    archive = subprocess.run(
+        ["git", "archive", commit, "tertulia"], cwd=ROOT, capture_output=True, check=True
+    )
+    with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
+        tar.extractall(into, filter="data")
+    return commit
+
+
+def serve(tree: Path) -> tuple[str, subprocess.Popen]:
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    command = [sys.executable, "-m", "tertulia", "serve", "--port", str(port), "--max-batch", "16"]
+    url = f"http://127.0.0.1:{port}"
+    return url, start(command, f"{url}/health", env)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--base", required=True, help="the commit to compare the working tree with")
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="tertulia-ab-") as temporary:
+        base_tree = Path(temporary)
+        base_commit = unpack(args.base, base_tree)
+        servers = {f"base {base_commit}": serve(base_tree), "this tree": serve(ROOT)}
+        runs: dict[str, dict[int, list[dict[str, float]]]] = {
+            name: {n: [] for n in args.levels} for name in servers
+        }
+        try:
+            for url, _ in servers.values():
+                asyncio.run(level(url, "smollm2-135m", 1, 4, 1))  # warm-up
+            order = list(servers)
+            for round_number in range(args.rounds):
+                for concurrency in args.levels:
+                    turn = order if round_number % 2 == 0 else order[::-1]
+                    for name in turn:
+                        url, _ = servers[name]
+                        result = asyncio.run(level(url, "smollm2-135m", concurrency, args.tokens, 1))
+                        runs[name][concurrency].append(result)
+                        print(
+                            f"round {round_number + 1}, {name} @ {concurrency}: {result['tok/s']:.1f} tok/s",
+                            flush=True,
+                        )
+        finally:
+            for _, process in servers.values():
+                process.terminate()
+    medians = {
+        name: {
+            str(n): {
+                "tok/s": statistics.median(r["tok/s"] for r in results),
+                "ttft p95": statistics.median(r["ttft p95"] for r in results),
+            }
+            for n, results in by_level.items()
+        }
+        for name, by_level in runs.items()
+    }
+    base_name, this_name = list(servers)
+    ratios = {
+        str(n): medians[this_name][str(n)]["tok/s"] / medians[base_name][str(n)]["tok/s"] for n in args.levels
+    }
+    record = {
+        "machine": describe(),
+        "settings": {
+            "base": base_commit,
+            "levels": args.levels,
+            "tokens": args.tokens,
+            "rounds": args.rounds,
+        },
+        "runs": {name: {str(n): r for n, r in by_level.items()} for name, by_level in runs.items()},
+        "medians": medians,
+        "ratio_tok_s": ratios,
+    }
+    RESULT.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\n| streams | {base_name} tok/s | this tree tok/s | ratio |")
+    print("|---|---|---|---|")
+    for n in args.levels:
+        base, this = medians[base_name][str(n)]["tok/s"], medians[this_name][str(n)]["tok/s"]
+        print(f"| {n} | {base:.1f} | {this:.1f} | {ratios[str(n)]:.2f}× |")
+    print(f"wrote {RESULT}")
+
+
+if __name__ == "__main__":
+    main()
