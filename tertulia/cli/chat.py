@@ -64,11 +64,19 @@ def _pieces(runner: asyncio.Runner, stream: AsyncIterator[str]) -> Iterator[str]
     try:
         while True:
             try:
-                yield runner.run(stream.__anext__())  # type: ignore[arg-type]
+                yield runner.run(_next(stream))
             except StopAsyncIteration:
                 return
     finally:
-        runner.run(stream.aclose())  # type: ignore[attr-defined]
+        runner.run(_close(stream))
+
+
+async def _next(stream: AsyncIterator[str]) -> str:
+    return await anext(stream)
+
+
+async def _close(stream: AsyncIterator[str]) -> None:
+    await stream.aclose()  # type: ignore[attr-defined]
 
 
 def _one_shot(runner: asyncio.Runner, session: ChatSession, prompt: str, err: Console) -> None:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import select
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -71,6 +75,46 @@ def test_interactive_session_keeps_history_and_runs_commands(embedded_dir) -> No
     assert "New conversation." in out
     assert "Unknown command /nonsense" in out
     assert "Traceback" not in result.stderr
+
+
+def test_ctrl_c_stops_a_reply_and_keeps_the_chat(embedded_dir) -> None:
+    """Ctrl-C mid-reply stops it at once, keeps what was written in the history, and the chat goes on."""
+    env = dict(os.environ, TERTULIA_LANG="en", PYTHONUNBUFFERED="1")
+    # The end-of-turn tokens banned: the reply cannot end by itself before it is interrupted.
+    args = ["chat", "--max-tokens", "400", "--logit-bias", "0=-100", "--logit-bias", "2=-100"]
+    chat = subprocess.Popen(
+        [sys.executable, "-m", "tertulia", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert chat.stdin is not None and chat.stdout is not None
+    said = b""
+
+    def read_until(done: Callable[[bytes], bool], timeout: float) -> None:
+        nonlocal said
+        deadline = time.monotonic() + timeout
+        while not done(said) and time.monotonic() < deadline:
+            if select.select([chat.stdout], [], [], 0.2)[0]:
+                said += os.read(chat.stdout.fileno(), 4096)
+
+    try:
+        read_until(lambda text: "›".encode() in text, 120)  # the prompt: the chat is ready
+        chat.stdin.write(b"Write a very long story about a dragon.\n")
+        chat.stdin.flush()
+        start = len(said)
+        read_until(lambda text: len(text) - start > 40, 60)
+        chat.send_signal(signal.SIGINT)
+        read_until(lambda text: b"[stopped]" in text, 30)
+        chat.stdin.write(b"/exit\n")
+        chat.stdin.flush()
+        rest, errors = chat.communicate(timeout=60)
+    finally:
+        chat.kill()
+    output = (said + rest).decode(errors="replace")
+    assert "[stopped]" in output and "Bye!" in output, output
+    assert chat.returncode == 0 and b"Traceback" not in errors, errors
 
 
 @pytest.mark.parametrize(
