@@ -74,6 +74,8 @@ BENCH_STAMP := $(VENV)/.installed-bench
 LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF
 
 $(BENCH_STAMP): $(DEV_STAMP)
+	command -v cmake >/dev/null && command -v ninja >/dev/null \
+		|| (apt-get update && apt-get install -y cmake ninja-build g++)
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PIP) install --quiet "llama-cpp-python[server]==0.3.36" \
 		|| echo "llama-cpp-python could not be built: benchmarks will skip that peer"
 	$(PIP) install --quiet --no-deps chatterbot-corpus==1.3.3
@@ -81,6 +83,7 @@ $(BENCH_STAMP): $(DEV_STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/llama_cpp.py build
 	$(PY) benchmarks/serve_load.py --rounds 3
 	$(PY) benchmarks/prefix_cache.py
 	$(PY) benchmarks/finetune.py --rounds 3

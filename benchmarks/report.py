@@ -116,7 +116,43 @@ def ab(result: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS: dict[str, Callable[[dict], str]] = {"json_mode": json_mode, "int4_cache": int4_cache, "ab": ab}
+def serve_load(result: dict) -> str:
+    settings, medians, peer = result["settings"], result["medians"], result["peer"]
+    levels = " ".join(str(n) for n in settings["levels"])
+    enabled = ", ".join(name.removeprefix("GGML_") for name in peer["enabled"]) or "none"
+    off = ", ".join(name.removeprefix("GGML_") for name in peer["turned_off_because_it_crashed"])
+    lines = [
+        "## Serving over HTTP: Tertulia vs llama.cpp's llama-server",
+        "",
+        f"Command: `python benchmarks/serve_load.py --levels {levels} --tokens {settings['tokens']} "
+        f"--rounds {settings['rounds']}`. {machine_line(result)}",
+        "",
+        f"The peer: `{peer['command']}`, built from the {peer['source']} with {enabled}"
+        + (f" (turned off because the binary crashed: {off})" if off else "")
+        + ". Same Q4_1 GGUF, same chats, greedy, end-of-turn tokens banned, "
+        f"{settings['tokens']} tokens each; rounds alternate the servers (ABBA); medians of "
+        f"{settings['rounds']} rounds.",
+        "",
+        "| streams | Tertulia tok/s | llama-server tok/s | ratio | TTFT p95 Tertulia | TTFT p95 llama-server "
+        "| ITL p50 Tertulia | ITL p50 llama-server |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n in settings["levels"]:
+        ours, theirs = medians["tertulia"][str(n)], medians["llama-server"][str(n)]
+        lines.append(
+            f"| {n} | {ours['tok/s']:.1f} | {theirs['tok/s']:.1f} | {result['ratio_tok_s'][str(n)]:.2f}× | "
+            f"{ours['ttft p95']:.2f} s | {theirs['ttft p95']:.2f} s | {1000 * ours['itl p50']:.0f} ms | "
+            f"{1000 * theirs['itl p50']:.0f} ms |"
+        )
+    return "\n".join(lines)
+
+
+RENDERERS: dict[str, Callable[[dict], str]] = {
+    "json_mode": json_mode,
+    "int4_cache": int4_cache,
+    "ab": ab,
+    "serve_load": serve_load,
+}
 
 
 def generated() -> str:

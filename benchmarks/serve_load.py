@@ -1,11 +1,16 @@
-"""Load over HTTP: 1, 4 and 16 concurrent streaming chats, Tertulia vs llama-cpp-python's server.
+"""Load over HTTP: 1, 4 and 16 concurrent streaming chats, Tertulia vs llama.cpp's `llama-server`.
 
-    python benchmarks/serve_load.py [--levels 1 4 16] [--tokens 64] [--rounds 2]
+    python benchmarks/serve_load.py [--levels 1 4 16] [--tokens 64] [--rounds 3]
 
-Both servers run on loopback with the same GGUF, and get the same prompts (greedy, max_tokens).
-For each concurrency level it prints aggregate output tok/s (all tokens over wall time), TTFT p50/p95
-and inter-token latency p50/p95, for each server, and the ratio. Counting is by streamed content
-chunks (one per token on both servers). Everything is bounded: `rounds` × `level` requests per level.
+The peer is llama.cpp's own server at its best for this load: built for this CPU's instruction sets
+(benchmarks/llama_cpp.py), continuous batching with as many slots as the highest level, one thread per
+core. Tertulia serves with its defaults (int4 for this Q4_1 GGUF, --max-batch 16). Both run on
+loopback with the same GGUF and get the same chats: greedy, the end-of-turn tokens banned (so every
+reply is `tokens` long on both), timed the same way by this client. Rounds alternate the order of the
+servers (ABBA) so drift hits both. Per level: aggregate output tok/s (all tokens over wall time), TTFT
+p50/p95 and inter-token latency p50/p95, medians over rounds, and the ratios. Counting is by streamed
+content chunks (one per token on both servers). Everything is bounded: `rounds` × `level` requests per
+level. Results go to results/serve_load.json.
 """
 
 from __future__ import annotations
@@ -20,10 +25,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
 from tertulia.models import registry
+
+RESULT = Path(__file__).parent / "results" / "serve_load.json"
 
 TOPICS = [
     "dragons",
@@ -78,6 +86,7 @@ async def one(client: httpx.AsyncClient, base: str, model: str, topic: str, toke
         "messages": [{"role": "user", "content": f"Write a long story about {topic}."}],
         "temperature": 0,
         "max_tokens": tokens,
+        "logit_bias": {"0": -100, "2": -100},  # <|endoftext|> and <|im_end|>: no early end
         "stream": True,
     }
     started = time.perf_counter()
@@ -127,78 +136,100 @@ async def level(base: str, model: str, concurrency: int, tokens: int, rounds: in
     }
 
 
+def shown(command: list[str]) -> str:
+    """A command as a reader would type it: file names without their directories, no port."""
+    words = [word.rsplit("/", 1)[-1] for word in command]
+    at = words.index("--port")
+    return " ".join(words[:at] + words[at + 2 :])
+
+
 def main() -> None:
+    from llama_cpp import build, server_command
+    from machine import describe
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     _, gguf = registry.resolve("smollm2-135m")
+    peer = build(gguf)
+    cores = os.cpu_count() or 2
     servers: dict[str, tuple[str, str, subprocess.Popen]] = {}
     port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "tertulia",
+        "serve",
+        "--port",
+        str(port),
+        "--max-batch",
+        str(max(args.levels)),
+    ]
     servers["tertulia"] = (
         f"http://127.0.0.1:{port}",
         "smollm2-135m",
-        start(
-            [sys.executable, "-m", "tertulia", "serve", "--port", str(port), "--max-batch", "16"],
-            f"http://127.0.0.1:{port}/health",
-        ),
+        start(command, f"http://127.0.0.1:{port}/health"),
     )
+    port = free_port()
+    command = server_command(gguf, port, parallel=max(args.levels), threads=cores)
+    servers["llama-server"] = (
+        f"http://127.0.0.1:{port}",
+        "smollm2",
+        start(command, f"http://127.0.0.1:{port}/health"),
+    )
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {
+        name: {n: [] for n in args.levels} for name in servers
+    }
     try:
-        import llama_cpp.server  # noqa: F401
-
-        port = free_port()
-        servers["llama.cpp server"] = (
-            f"http://127.0.0.1:{port}",
-            "smollm2",
-            start(
-                [
-                    sys.executable,
-                    "-m",
-                    "llama_cpp.server",
-                    "--model",
-                    str(gguf),
-                    "--model_alias",
-                    "smollm2",
-                    "--n_threads",
-                    str(os.cpu_count() or 2),
-                    "--n_ctx",
-                    "8192",
-                    "--port",
-                    str(port),
-                    # By default a new request interrupts the running one; queue them instead.
-                    "--interrupt_requests",
-                    "False",
-                ],
-                f"http://127.0.0.1:{port}/v1/models",
-            ),
-        )
-    except ImportError:
-        print("llama-cpp-python[server] is not installed: measuring Tertulia alone.")
-    try:
-        results: dict[tuple[str, int], dict[str, float]] = {}
-        for concurrency in args.levels:
-            for name, (base, model, _) in servers.items():
-                asyncio.run(level(base, model, 1, 4, 1))  # warm-up
-                results[name, concurrency] = asyncio.run(
-                    level(base, model, concurrency, args.tokens, args.rounds)
-                )
-                print(f"{name} @ {concurrency}: {results[name, concurrency]}", flush=True)
-        print(f"\n{args.tokens} tokens per request, greedy, {args.rounds} rounds per level")
-        print("| server | streams | tok/s | TTFT p50 | TTFT p95 | ITL p50 | ITL p95 | × llama.cpp tok/s |")
-        print("|---|---|---|---|---|---|---|---|")
-        for (name, concurrency), r in results.items():
-            peer = results.get(("llama.cpp server", concurrency))
-            ratio = f"{r['tok/s'] / peer['tok/s']:.2f}×" if peer else "n/a"
-            print(
-                f"| {name} | {concurrency} | {r['tok/s']:.1f} | {r['ttft p50']:.2f} s | "
-                f"{r['ttft p95']:.2f} s | {1000 * r['itl p50']:.0f} ms | "
-                f"{1000 * r['itl p95']:.0f} ms | {ratio} |"
-            )
+        for base, model, _ in servers.values():
+            asyncio.run(level(base, model, 1, 4, 1))  # warm-up
+        for round_number in range(args.rounds):
+            for concurrency in args.levels:
+                order = list(servers) if round_number % 2 == 0 else list(servers)[::-1]
+                for name in order:
+                    base, model, _ = servers[name]
+                    result = asyncio.run(level(base, model, concurrency, args.tokens, 1))
+                    runs[name][concurrency].append(result)
+                    print(f"round {round_number + 1}, {name} @ {concurrency}: {result}", flush=True)
     finally:
         for _, _, process in servers.values():
             process.terminate()
-            process.wait(30)
+    medians = {
+        name: {
+            str(n): {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+            for n, rs in by_level.items()
+        }
+        for name, by_level in runs.items()
+    }
+    ratios = {
+        str(n): medians["tertulia"][str(n)]["tok/s"] / medians["llama-server"][str(n)]["tok/s"]
+        for n in args.levels
+    }
+    record = {
+        "machine": describe(),
+        "settings": {"levels": args.levels, "tokens": args.tokens, "rounds": args.rounds, "threads": cores},
+        "peer": {
+            "command": shown(server_command(gguf, 0, parallel=max(args.levels), threads=cores)),
+            **peer,
+        },
+        "runs": {name: {str(n): rs for n, rs in by_level.items()} for name, by_level in runs.items()},
+        "medians": medians,
+        "ratio_tok_s": ratios,
+    }
+    RESULT.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\n{args.tokens} tokens per request, greedy, medians of {args.rounds} rounds")
+    print("| server | streams | tok/s | TTFT p50 | TTFT p95 | ITL p50 | ITL p95 | × llama-server tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, by_level in medians.items():
+        for n, r in by_level.items():
+            print(
+                f"| {name} | {n} | {r['tok/s']:.1f} | {r['ttft p50']:.2f} s | {r['ttft p95']:.2f} s | "
+                f"{1000 * r['itl p50']:.0f} ms | {1000 * r['itl p95']:.0f} ms | "
+                f"{r['tok/s'] / medians['llama-server'][n]['tok/s']:.2f}× |"
+            )
+    print(f"wrote {RESULT}")
 
 
 if __name__ == "__main__":
