@@ -12,10 +12,8 @@ Prints and records (results/ab.json) the median aggregate tok/s and TTFT p95 of 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -24,7 +22,7 @@ from io import BytesIO
 from pathlib import Path
 
 from machine import describe
-from serve_load import free_port, level, start
+from serve_load import alternate, free_port, medians_of, start
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = Path(__file__).parent / "results" / "ab.json"
@@ -62,37 +60,13 @@ def main() -> None:
         base_tree = Path(temporary)
         base_commit = unpack(args.base, base_tree)
         servers = {f"base {base_commit}": serve(base_tree), "this tree": serve(ROOT)}
-        runs: dict[str, dict[int, list[dict[str, float]]]] = {
-            name: {n: [] for n in args.levels} for name in servers
-        }
         try:
-            for url, _ in servers.values():
-                asyncio.run(level(url, "smollm2-135m", 1, 4, 1))  # warm-up
-            order = list(servers)
-            for round_number in range(args.rounds):
-                for concurrency in args.levels:
-                    turn = order if round_number % 2 == 0 else order[::-1]
-                    for name in turn:
-                        url, _ = servers[name]
-                        result = asyncio.run(level(url, "smollm2-135m", concurrency, args.tokens, 1))
-                        runs[name][concurrency].append(result)
-                        print(
-                            f"round {round_number + 1}, {name} @ {concurrency}: {result['tok/s']:.1f} tok/s",
-                            flush=True,
-                        )
+            endpoints = {name: (url, "smollm2-135m") for name, (url, _) in servers.items()}
+            runs = alternate(endpoints, args.levels, args.tokens, args.rounds)
         finally:
             for _, process in servers.values():
                 process.terminate()
-    medians = {
-        name: {
-            str(n): {
-                "tok/s": statistics.median(r["tok/s"] for r in results),
-                "ttft p95": statistics.median(r["ttft p95"] for r in results),
-            }
-            for n, results in by_level.items()
-        }
-        for name, by_level in runs.items()
-    }
+    medians = medians_of(runs)
     base_name, this_name = list(servers)
     ratios = {
         str(n): medians[this_name][str(n)]["tok/s"] / medians[base_name][str(n)]["tok/s"] for n in args.levels

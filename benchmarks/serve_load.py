@@ -136,6 +136,40 @@ async def level(base: str, model: str, concurrency: int, tokens: int, rounds: in
     }
 
 
+Runs = dict[str, dict[int, list[dict[str, float]]]]
+
+
+def alternate(servers: dict[str, tuple[str, str]], levels: list[int], tokens: int, rounds: int) -> Runs:
+    """Each level once per round on each server (name -> (base URL, model)), in ABBA order so drift
+    in a noisy machine hits all alike; after one short warm-up each."""
+    runs: Runs = {name: {n: [] for n in levels} for name in servers}
+    for base, model in servers.values():
+        asyncio.run(level(base, model, 1, 4, 1))
+    for round_number in range(rounds):
+        for concurrency in levels:
+            order = list(servers) if round_number % 2 == 0 else list(servers)[::-1]
+            for name in order:
+                base, model = servers[name]
+                result = asyncio.run(level(base, model, concurrency, tokens, 1))
+                runs[name][concurrency].append(result)
+                print(
+                    f"round {round_number + 1}, {name} @ {concurrency}: {result['tok/s']:.1f} tok/s",
+                    flush=True,
+                )
+    return runs
+
+
+def medians_of(runs: Runs) -> dict[str, dict[str, dict[str, float]]]:
+    """Per server and level (as text, for JSON), the median of each figure over the rounds."""
+    return {
+        name: {
+            str(n): {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+            for n, rs in by_level.items()
+        }
+        for name, by_level in runs.items()
+    }
+
+
 def shown(command: list[str]) -> str:
     """A command as a reader would type it: file names without their directories, no port."""
     words = [word.rsplit("/", 1)[-1] for word in command]
@@ -179,30 +213,13 @@ def main() -> None:
         "smollm2",
         start(command, f"http://127.0.0.1:{port}/health"),
     )
-    runs: dict[str, dict[int, list[dict[str, float]]]] = {
-        name: {n: [] for n in args.levels} for name in servers
-    }
     try:
-        for base, model, _ in servers.values():
-            asyncio.run(level(base, model, 1, 4, 1))  # warm-up
-        for round_number in range(args.rounds):
-            for concurrency in args.levels:
-                order = list(servers) if round_number % 2 == 0 else list(servers)[::-1]
-                for name in order:
-                    base, model, _ = servers[name]
-                    result = asyncio.run(level(base, model, concurrency, args.tokens, 1))
-                    runs[name][concurrency].append(result)
-                    print(f"round {round_number + 1}, {name} @ {concurrency}: {result}", flush=True)
+        endpoints = {name: (base, model) for name, (base, model, _) in servers.items()}
+        runs = alternate(endpoints, args.levels, args.tokens, args.rounds)
     finally:
         for _, _, process in servers.values():
             process.terminate()
-    medians = {
-        name: {
-            str(n): {key: statistics.median(r[key] for r in rs) for key in rs[0]}
-            for n, rs in by_level.items()
-        }
-        for name, by_level in runs.items()
-    }
+    medians = medians_of(runs)
     ratios = {
         str(n): medians["tertulia"][str(n)]["tok/s"] / medians["llama-server"][str(n)]["tok/s"]
         for n in args.levels

@@ -148,10 +148,6 @@ class LocalProvider(Provider):
     def pending(self) -> int:
         return self.driver.pending
 
-    @property
-    def quantization(self) -> str:
-        return self.engine.quantization
-
     def engine_load(self) -> EngineLoad:
         engine, blocks = self.engine, self.engine.blocks
         return EngineLoad(
