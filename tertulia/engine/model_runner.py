@@ -10,16 +10,19 @@ from __future__ import annotations
 import torch
 
 from tertulia.engine.attention import DecodeAttention, PrefillAttention
+from tertulia.engine.decode_stack import NativeDecode
 from tertulia.engine.kv_cache import KVCache
 from tertulia.engine.scheduler import DecodeBatch, PrefillChunk
 from tertulia.models.llama import LlamaModel
 
 
 class ModelRunner:
-    def __init__(self, module: LlamaModel, cache: KVCache) -> None:
+    def __init__(self, module: LlamaModel, cache: KVCache, native: bool = True) -> None:
         self.module = module
         self.cache = cache
         self.device = cache.device
+        # The decode forward without the interpreter between ops, where the model allows it.
+        self.native = NativeDecode.of(module, cache) if native else None
 
     def prefill(self, chunk: PrefillChunk) -> torch.Tensor | None:
         """Compute a chunk's keys and values into the cache. When sequences sample from it: its last
@@ -38,7 +41,8 @@ class ModelRunner:
 
     def decode(self, batch: DecodeBatch) -> torch.Tensor:
         """One token for each sequence of the batch: logits [len(batch.sequences), V]."""
-        hidden = self.module(
+        forward = self.native or self.module
+        hidden = forward(
             torch.tensor(batch.tokens, device=self.device),
             torch.tensor(batch.positions, device=self.device),
             DecodeAttention(self.cache, batch.tables, batch.positions),

@@ -127,10 +127,16 @@ class LlamaModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend
     ) -> torch.Tensor:
         """Hidden states after the final norm, [N, hidden], for flat tokens `input_ids` [N]."""
-        x = self.embed_tokens(input_ids)
-        rotations = self.rotations[positions].unsqueeze(1)
+        x, rotations = self.embed(input_ids, positions)
         for layer in self.layers:
             x = layer(x, rotations, attention)
+        return self.final_norm(x)
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the first layer takes: token embeddings [N, hidden] and their rotations [N, 1, D/2]."""
+        return self.embed_tokens(input_ids), self.rotations[positions].unsqueeze(1)
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.norm, self.config.rms_norm_eps)
 
     @torch.inference_mode()

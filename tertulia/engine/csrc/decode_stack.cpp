@@ -1,0 +1,116 @@
+// The decoder layers of one batched decode step, in C++: the same ATen calls, in the same order and
+// on the same shapes, as models/llama.py's DecoderLayer with attention.py's DecodeAttention and
+// quant.py's Int4Linear. Only the Python between the ops is gone (about 40 interpreted op calls per
+// layer), so the numbers are bit for bit those of the Python path, which stays the reference.
+//
+// It knows nothing of sequences or sampling: it gets the step's hidden states, rotations, where to
+// write each new key and value, and the attention buckets (rows, gathered pool positions, mask).
+
+#include <ATen/ATen.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <vector>
+
+using at::Tensor;
+using at::indexing::Slice;
+
+struct DecodeStack : torch::CustomClassHolder {
+  // Per layer: norms, int4-packed projections (weight, scales-and-zeros), optional q/k/v bias, and
+  // that layer's key and value pools [kv_heads, positions, head_dim].
+  std::vector<Tensor> input_norm, post_norm, qkv, qkv_scales, qkv_bias, o, o_scales, gate_up,
+      gate_up_scales, down, down_scales, keys, values;
+  int64_t heads, kv_heads, head_dim, group_size;
+  double eps;
+
+  DecodeStack(std::vector<Tensor> input_norm, std::vector<Tensor> post_norm, std::vector<Tensor> qkv,
+              std::vector<Tensor> qkv_scales, std::vector<Tensor> qkv_bias, std::vector<Tensor> o,
+              std::vector<Tensor> o_scales, std::vector<Tensor> gate_up,
+              std::vector<Tensor> gate_up_scales, std::vector<Tensor> down,
+              std::vector<Tensor> down_scales, std::vector<Tensor> keys, std::vector<Tensor> values,
+              int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t group_size, double eps)
+      : input_norm(std::move(input_norm)), post_norm(std::move(post_norm)), qkv(std::move(qkv)),
+        qkv_scales(std::move(qkv_scales)), qkv_bias(std::move(qkv_bias)), o(std::move(o)),
+        o_scales(std::move(o_scales)), gate_up(std::move(gate_up)),
+        gate_up_scales(std::move(gate_up_scales)), down(std::move(down)),
+        down_scales(std::move(down_scales)), keys(std::move(keys)), values(std::move(values)),
+        heads(heads), kv_heads(kv_heads), head_dim(head_dim), group_size(group_size), eps(eps) {}
+
+  Tensor int4_linear(const Tensor& x, const Tensor& packed, const Tensor& scales) const {
+    return at::_weight_int4pack_mm_for_cpu(x, packed, group_size, scales);
+  }
+
+  // attention.attend: softmax(q k^T / sqrt(d) + bias) v as two batched matmuls.
+  Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias) const {
+    Tensor scores = at::matmul(q, k.transpose(-1, -2));
+    scores.mul_(std::pow(static_cast<double>(q.size(-1)), -0.5)).add_(bias);
+    return at::matmul(at::softmax(scores, -1), v);
+  }
+
+  // x: [N, hidden] float32; rotations: [N, 1, head_dim / 2] complex64; written: [N] pool positions;
+  // per bucket: its rows of the batch, its gathered pool positions, its span and its mask.
+  Tensor forward(Tensor x, Tensor rotations, Tensor written, std::vector<Tensor> bucket_rows,
+                 std::vector<Tensor> bucket_where, std::vector<int64_t> bucket_span,
+                 std::vector<Tensor> bucket_bias) {
+    const int64_t n = x.size(0);
+    const int64_t hidden = x.size(1);
+    const int64_t both = heads + kv_heads;
+    const int64_t rotary_width = both * head_dim;
+    const int64_t group = heads / kv_heads;
+    const size_t buckets = bucket_rows.size();
+    for (size_t layer = 0; layer < input_norm.size(); ++layer) {
+      Tensor h = at::rms_norm(x, {hidden}, input_norm[layer], eps).to(at::kBFloat16);
+      Tensor projected = int4_linear(h, qkv[layer], qkv_scales[layer]);
+      if (!qkv_bias.empty()) projected = projected + qkv_bias[layer];
+      projected = projected.to(at::kFloat);
+      Tensor qk = at::view_as_complex(
+          projected.index({Slice(), Slice(0, rotary_width)}).reshape({n, both, head_dim / 2, 2}));
+      qk = at::view_as_real(qk * rotations).reshape({n, both, head_dim});
+      Tensor v = projected.index({Slice(), Slice(rotary_width, at::indexing::None)})
+                     .reshape({n, kv_heads, head_dim});
+      Tensor q = qk.index({Slice(), Slice(0, heads)});
+      Tensor k = qk.index({Slice(), Slice(heads, at::indexing::None)});
+
+      Tensor& key_pool = keys[layer];
+      Tensor& value_pool = values[layer];
+      key_pool.index_copy_(1, written, k.transpose(0, 1));
+      value_pool.index_copy_(1, written, v.transpose(0, 1));
+      Tensor grouped = q.view({n, heads / group, group, head_dim}).transpose(0, 1).contiguous();
+      Tensor out;
+      if (buckets == 1) {
+        out = attend(grouped, read(key_pool, bucket_where[0], bucket_span[0]),
+                     read(value_pool, bucket_where[0], bucket_span[0]), bucket_bias[0]);
+      } else {
+        out = at::empty_like(grouped);
+        for (size_t b = 0; b < buckets; ++b) {
+          Tensor rows = bucket_rows[b];
+          Tensor part = attend(grouped.index({Slice(), rows}), read(key_pool, bucket_where[b], bucket_span[b]),
+                               read(value_pool, bucket_where[b], bucket_span[b]), bucket_bias[b]);
+          out.index_put_({Slice(), rows}, part);
+        }
+      }
+      Tensor attended = out.transpose(0, 1).reshape({n, heads * head_dim});
+      x = x + int4_linear(attended.to(at::kBFloat16), o[layer], o_scales[layer]);
+      h = at::rms_norm(x, {hidden}, post_norm[layer], eps).to(at::kBFloat16);
+      std::vector<Tensor> halves = int4_linear(h, gate_up[layer], gate_up_scales[layer]).chunk(2, -1);
+      x = x + int4_linear(at::silu(halves[0]) * halves[1], down[layer], down_scales[layer]);
+    }
+    return x;
+  }
+
+  // attention._Bucket.read: [kv_heads, count, span, head_dim], each sequence's matrix contiguous.
+  static Tensor read(const Tensor& pool, const Tensor& where, int64_t span) {
+    Tensor gathered = pool.index_select(1, where);
+    return gathered.view({pool.size(0), where.size(0) / span, span, pool.size(2)});
+  }
+};
+
+TORCH_LIBRARY(tertulia, m) {
+  m.class_<DecodeStack>("DecodeStack")
+      .def(torch::init<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
+                       std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
+                       std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
+                       std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
+                       std::vector<Tensor>, int64_t, int64_t, int64_t, int64_t, double>())
+      .def("forward", &DecodeStack::forward);
+}

@@ -1,0 +1,91 @@
+"""The batched decode forward through the C++ decode stack (native.py), when it can serve the model.
+
+It serves int4 models on the CPU (the default for quantized GGUFs): every layer's four projections
+packed by quant.Int4Linear. Anything else (float32 or int8 layers, another device, no built library)
+gets None from `of`, and the model runner keeps the Python forward. The embedding, the final norm
+and the LM head stay in Python: three calls per step. This module knows the model's weights and the
+attention plan of one step, nothing of sequences or sampling.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tertulia.engine import native
+from tertulia.engine.attention import DecodeAttention
+from tertulia.engine.kv_cache import KVCache
+from tertulia.engine.quant import Int4Linear
+from tertulia.models.llama import LlamaModel
+
+_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+class NativeDecode:
+    def __init__(self, module: LlamaModel, stack: torch.ScriptObject) -> None:
+        self.module, self.stack = module, stack
+
+    @classmethod
+    def of(cls, module: LlamaModel, cache: KVCache) -> NativeDecode | None:
+        """The C++ stack over `module`'s weights and `cache`'s pools, or None where it cannot serve."""
+        layers = list(module.layers)
+        if cache.device.type != "cpu" or not layers:
+            return None
+        projections = [[getattr(layer, name) for name in _PROJECTIONS] for layer in layers]
+        if not all(isinstance(p, Int4Linear) for row in projections for p in row):
+            return None
+        if len({p.group_size for row in projections for p in row}) != 1:
+            return None
+        biases = [row[0].bias for row in projections]
+        if any(b is not None for b in (p.bias for row in projections for p in row[1:])):
+            return None
+        if any(b is None for b in biases) and any(b is not None for b in biases):
+            return None
+        if not native.available():
+            return None
+        config = module.config
+
+        def packed(index: int) -> list[torch.Tensor]:
+            return [row[index].packed for row in projections]
+
+        def scales(index: int) -> list[torch.Tensor]:
+            return [row[index].scales_and_zeros for row in projections]
+
+        stack = torch.classes.tertulia.DecodeStack(
+            [layer.input_norm.detach() for layer in layers],
+            [layer.post_attention_norm.detach() for layer in layers],
+            packed(0),
+            scales(0),
+            [] if biases[0] is None else list(biases),
+            packed(1),
+            scales(1),
+            packed(2),
+            scales(2),
+            packed(3),
+            scales(3),
+            list(cache.keys),
+            list(cache.values),
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+            projections[0][0].group_size,
+            float(config.rms_norm_eps),
+        )
+        return cls(module, stack)
+
+    @torch.inference_mode()
+    def __call__(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: DecodeAttention
+    ) -> torch.Tensor:
+        """Hidden states after the final norm, as `LlamaModel.forward` gives them, bit for bit."""
+        x, rotations = self.module.embed(input_ids, positions)
+        buckets = attention.buckets
+        x = self.stack.forward(
+            x,
+            rotations,
+            attention.written,
+            [b.rows for b in buckets],
+            [b.where for b in buckets],
+            [b.span for b in buckets],
+            [b.bias for b in buckets],
+        )
+        return self.module.final_norm(x)

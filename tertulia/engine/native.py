@@ -1,0 +1,110 @@
+"""The C++ decode stack (csrc/decode_stack.cpp): built once per installation, loaded when present.
+
+A decode step makes about 40 op calls per layer; from Python each costs a few microseconds of
+interpreter and argument parsing, which at one stream was a third of a token's time. The C++ stack
+makes the same ATen calls on the same shapes in the same order, so its logits are the Python path's
+bit for bit (tests/engine/test_native.py); only the interpreter between the ops is gone.
+
+Built by `python -m tertulia.engine.native` (the Makefile's install step runs it), with torch's own
+extension builder, into a folder keyed by the source, torch's version and Python's: a new torch or an
+edited source builds anew, never loads a stale library. At run time nothing is compiled: without a
+built library, or with TERTULIA_NATIVE=0, the engine runs the Python path and says so once in the
+log. This module does not know what a sequence or a bucket is; decode_stack.py does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from tertulia import config as settings
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "decode_stack.cpp"
+NAME = "tertulia_decode_stack"
+
+
+def _key() -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _folders() -> list[Path]:
+    """Where a build may live: beside the source (an editable or venv install), else the data folder."""
+    key = _key()
+    return [SOURCE.parent / "build" / key, settings.cache_dir() / "native" / key]
+
+
+def library() -> Path | None:
+    for folder in _folders():
+        candidate = folder / f"{NAME}.so"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the library (about a minute on two cores) unless it is already there."""
+    built = library()
+    if built is not None:
+        return built
+    from torch.utils import cpp_extension
+
+    # The ninja that `pip install ninja` puts beside this Python, when the shell's PATH lacks it.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    last_error: Exception | None = None
+    for folder in _folders():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            cpp_extension.load(
+                name=NAME,
+                sources=[str(SOURCE)],
+                build_directory=str(folder),
+                extra_cflags=["-O2"],
+                is_python_module=False,
+                verbose=verbose,
+            )
+            return folder / f"{NAME}.so"
+        except (OSError, RuntimeError) as exc:  # an unwritable folder, no compiler, no ninja
+            last_error = exc
+    raise RuntimeError(f"could not build the C++ decode stack: {last_error}")
+
+
+@cache
+def available() -> bool:
+    """Load the library once per process; False (with one log line) when it cannot be used."""
+    if os.environ.get("TERTULIA_NATIVE", "1") == "0":
+        return False
+    if _registered():  # built by `build` in this very process
+        return True
+    path = library()
+    if path is None:
+        log.info("no C++ decode stack built for this torch (python -m tertulia.engine.native): Python path")
+        return False
+    try:
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as exc:
+        log.warning("the C++ decode stack at %s does not load (%s): Python path", path, exc)
+        return False
+    return True
+
+
+def _registered() -> bool:
+    try:
+        torch.classes.tertulia.DecodeStack  # noqa: B018 - the lookup is the check
+    except RuntimeError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    print(build(verbose="-v" in sys.argv))

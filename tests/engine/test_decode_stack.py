@@ -1,0 +1,92 @@
+"""The C++ decode stack gives the Python decode forward's logits bit for bit, and serves only what it can.
+
+`make` builds the library before the suite runs (python -m tertulia.engine.native), so these tests
+run it; TERTULIA_NATIVE=0 is the one way to leave it out, and then they skip saying so.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from tertulia.engine import native
+from tertulia.engine.engine import Engine
+from tertulia.engine.model_runner import ModelRunner
+from tertulia.engine.sampling import SamplingParams
+from tertulia.engine.sequence import Status
+from tertulia.models.registry import LoadedModel
+
+MakeModel = Callable[..., LoadedModel]
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TERTULIA_NATIVE") == "0", reason="TERTULIA_NATIVE=0 leaves the C++ decode stack out"
+)
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(100, 40000, (length,), generator=generator).tolist()
+
+
+def test_the_library_is_built_and_loads() -> None:
+    assert native.library() is not None, "run `python -m tertulia.engine.native` (make does)"
+    assert native.available()
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["llama", "qwen2-bias"])
+def test_decode_logits_equal_the_python_forward_bit_for_bit(make_tiny_model: MakeModel, bias: bool) -> None:
+    """Sequences in three attention buckets (lengths under 128, 128-256, and one alone): one batch."""
+    engine = Engine(make_tiny_model(seed=3, attention_bias=bias), quantization="int4", max_batch=4)
+    assert engine.runner.native is not None
+    python = ModelRunner(engine.model.module, engine.cache, native=False)
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for length, seed in ((5, 1), (9, 2), (140, 3), (200, 4)):
+        engine.add(prompt(length, seed), greedy)
+    while engine.waiting or engine.prefilling:
+        engine.step()
+    compared = 0
+    for _ in range(6):
+        batch = engine.scheduler.decode_batch(list(engine.running))
+        assert batch is not None
+        spans = {-(-(p + 1) // 128) for p in batch.positions}
+        assert len(spans) >= 2
+        # Both forwards write this step's keys and values (the same numbers) before attending.
+        expected = python.decode(batch)
+        got = engine.runner.decode(batch)
+        assert torch.equal(got, expected)
+        engine.sampler.sample(batch.sequences, got)
+        compared += 1
+    assert compared == 6
+
+
+def test_generation_is_the_same_with_and_without_the_stack(
+    make_tiny_model: MakeModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompts = [prompt(n, n) for n in (4, 11, 30)]
+    params = SamplingParams(temperature=0.8, seed=5, max_tokens=24, ignore_eos=True)
+
+    def outputs(engine: Engine) -> list[list[int]]:
+        sequences = [engine.add(p, params)[0] for p in prompts]
+        while any(s.status is not Status.FINISHED for s in sequences):
+            engine.step()
+        return [s.output for s in sequences]
+
+    with_stack = Engine(make_tiny_model(seed=8), quantization="int4", max_batch=3)
+    without = Engine(make_tiny_model(seed=8), quantization="int4", max_batch=3)
+    without.runner.native = None
+    assert with_stack.runner.native is not None
+    assert outputs(with_stack) == outputs(without)
+
+
+@pytest.mark.parametrize("mode", ["none", "int8"])
+def test_models_it_cannot_serve_keep_the_python_forward(make_tiny_model: MakeModel, mode: str) -> None:
+    engine = Engine(make_tiny_model(seed=2), quantization=mode, max_batch=2)
+    assert engine.runner.native is None
+
+
+def test_layers_left_in_float32_keep_the_python_forward(make_tiny_model: MakeModel) -> None:
+    engine = Engine(make_tiny_model(intermediate_size=100), quantization="int4", max_batch=2)
+    assert engine.runner.native is None
