@@ -147,11 +147,111 @@ def serve_load(result: dict) -> str:
     return "\n".join(lines)
 
 
+def decode(result: dict) -> str:
+    settings, medians, runs = result["settings"], result["medians"], result["runs"]
+    skip = " --skip-quality" if not result["perplexity"] else ""
+    lines = [
+        "## Engine decode vs transformers, at the same precision",
+        "",
+        f"Command: `python benchmarks/decode.py --tokens {settings['tokens']} --rounds {settings['rounds']}"
+        f"{skip}`. {machine_line(result)}",
+        "",
+        f"One stream, greedy, {settings['tokens']} tokens after the same chat prompt, {settings['model']}. "
+        "Both sides timestamp each new token as it arrives (transformers through a streamer); decode tok/s "
+        "is the tokens after the first over the time after the first. *int4 weights*: transformers' model "
+        "with every projection on PyTorch's int4 weight-only kernel and the LM head on its int8 "
+        "weight-only kernel, the engine's own weights and kernels. Rounds interleave the peers; medians:",
+        "",
+        "| precision | Tertulia tok/s | transformers tok/s | ratio | Tertulia per round "
+        "| transformers per round |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, (ours, theirs) in result["pairs"].items():
+        lines.append(
+            f"| {label} | {medians[ours]:.1f} | {medians[theirs]:.1f} | {result['ratios'][label]:.2f}× | "
+            f"{', '.join(f'{v:.1f}' for v in runs[ours])} | {', '.join(f'{v:.1f}' for v in runs[theirs])} |"
+        )
+    start = result["warm_start_seconds"]
+    lines += [
+        "",
+        f'Warm start of `tertulia chat -p "Hi!"` (a fresh process, caches warm, to its first byte of '
+        f"answer): median **{sorted(start)[len(start) // 2]:.2f} s** over {len(start)} runs "
+        f"({', '.join(f'{s:.2f}' for s in start)}).",
+    ]
+    if result["perplexity"]:
+        reference = result["perplexity"]["none"]
+        lines += [
+            "",
+            "Perplexity of each engine mode on held-out chats (chatterbot-corpus, English and "
+            "Spanish, 15 dialogues per topic file):",
+            "",
+            "| mode | perplexity | vs float32 |",
+            "|---|---|---|",
+        ]
+        for mode, value in result["perplexity"].items():
+            lines.append(f"| {mode} | {value:.2f} | {100 * (value / reference - 1):+.2f}% |")
+    return "\n".join(lines)
+
+
+def profile(result: dict) -> str:
+    settings, summary = result["settings"], result["summary"]
+    trees = list(summary)
+    base = f" --base {settings['base']}" if settings.get("base") else ""
+    lines = [
+        "## Where a decode step's time goes",
+        "",
+        f"Command: `python benchmarks/step_profile.py --levels {' '.join(map(str, settings['levels']))} "
+        f"--steps {settings['steps']} --rounds {settings['rounds']}{base}`. {machine_line(result)}",
+        "",
+        "The engine in-process, int4, that many greedy streams decoding at once. Step time and tok/s are "
+        "medians of unprofiled steps; the phases are their means; the op groups are PyTorch profiler "
+        "self times inside the model's forward and LM head; *Python and dispatch* is the model phase's "
+        "time not spent in any op. Of the rounds, the one with the median step time is shown.",
+    ]
+    for level in map(str, settings["levels"]):
+        rows = {tree: summary[tree][level] for tree in trees}
+        groups: list[str] = []
+        for row in rows.values():
+            groups += [g for g in row["model_ops_ms"] if g not in groups]
+        table = [
+            (
+                "**step (tok/s)**",
+                [f"**{r['step_ms_median']:.2f}** ({r['tok_s']:.1f})" for r in rows.values()],
+            ),
+            ("model forward and LM head", [f"{r['phases_ms']['model']:.2f}" for r in rows.values()]),
+            *[
+                (f"&nbsp;&nbsp;{group}", [f"{r['model_ops_ms'].get(group, 0):.2f}" for r in rows.values()])
+                for group in groups
+            ],
+            (
+                "&nbsp;&nbsp;Python and dispatch",
+                [f"{r['python_and_dispatch_ms']:.2f}" for r in rows.values()],
+            ),
+            ("sampling", [f"{r['phases_ms']['sampling']:.2f}" for r in rows.values()]),
+            (
+                "scheduling and bookkeeping",
+                [f"{r['phases_ms']['scheduling and bookkeeping']:.2f}" for r in rows.values()],
+            ),
+            ("op calls in the model", [f"{sum(r['model_op_calls'].values()):.0f}" for r in rows.values()]),
+        ]
+        lines += [
+            "",
+            f"**{level} stream{'s' if level != '1' else ''}** (ms per step)",
+            "",
+            "| part | " + " | ".join(trees) + " |",
+            "|---|" + "---|" * len(trees),
+            *(f"| {label} | " + " | ".join(values) + " |" for label, values in table),
+        ]
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "json_mode": json_mode,
     "int4_cache": int4_cache,
     "ab": ab,
     "serve_load": serve_load,
+    "decode": decode,
+    "profile": profile,
 }
 
 
