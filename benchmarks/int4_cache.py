@@ -40,7 +40,7 @@ except ImportError:  # run as a script from the benchmarks folder
     from machine import describe  # type: ignore[no-redef]
 
 T = TypeVar("T")
-TARGETS = quant._INT4_TARGETS
+TARGETS = quant.INT4_TARGETS
 RESULTS = Path(__file__).parent / "results"
 
 

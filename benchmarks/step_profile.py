@@ -10,9 +10,10 @@ The engine runs in-process on the embedded model with its defaults (int4 layers,
    (`sampler.sample`), and the rest of the step (scheduling, block bookkeeping);
 3. PyTorch's profiler over the model phase: each op's self time, grouped by what it does.
 
-"Python and dispatch" is the model phase's unprofiled wall time minus the ops' self time: the
-interpreter, nn.Module calls and the dispatcher between ops. The profiler adds its own cost to each
-op, so op times are a little high and that remainder a little low.
+The profiler adds its own cost to every op it records (a few microseconds, on thousands of ops), so
+its op times add up to more than the unprofiled step: read them as shares. What the interpreter
+between the ops costs is measured directly where the C++ decode stack exists: the model phase run
+with the same ops from Python and from C++, in alternating halves; the difference is the Python.
 
 With `--base REF`, the same measurement also runs on the package as it was at commit REF (unpacked
 as in ab.py), in alternating processes, so a change's profile is recorded beside the one before it.
@@ -107,11 +108,7 @@ def measure(levels: list[int], steps: int) -> dict:
         for _ in range(8):  # warm-up decode steps
             engine.step()
         phases.clear()
-        walls = []
-        for _ in range(steps):
-            started = time.perf_counter()
-            engine.step()
-            walls.append(time.perf_counter() - started)
+        walls = timed_steps(engine, steps)
         phase_ms = {name: 1000 * total / steps for name, total in phases.items()}
         phase_ms["scheduling and bookkeeping"] = 1000 * sum(walls) / steps - sum(phase_ms.values())
         profiled = max(10, steps // 3)
@@ -119,6 +116,7 @@ def measure(levels: list[int], steps: int) -> dict:
             for _ in range(profiled):
                 engine.step()
         ops: dict[str, dict[str, float]] = defaultdict(lambda: {"ms": 0.0, "calls": 0})
+        top_level = 0
         for event in prof.events():
             ancestor = event.cpu_parent
             while ancestor is not None and ancestor.name != "model":
@@ -128,6 +126,22 @@ def measure(levels: list[int], steps: int) -> dict:
             entry = ops[group_of(event.name)]
             entry["ms"] += event.self_cpu_time_total / 1000 / profiled
             entry["calls"] += 1 / profiled
+            top_level += event.cpu_parent is ancestor
+        python_ms = None
+        stack = getattr(engine.runner, "native", None)
+        if stack is not None:
+            # The same ops from Python and from the C++ stack, in alternating halves: the difference in
+            # the model phase is what the interpreter between the ops costs. After the profile, so that
+            # both trees profile the same positions.
+            model_ms: dict[bool, list[float]] = {True: [], False: []}
+            for _ in range(4):
+                for use_stack in (False, True):
+                    engine.runner.native = stack if use_stack else None
+                    phases.clear()
+                    timed_steps(engine, steps // 4)
+                    model_ms[use_stack].append(1000 * phases["model"] / (steps // 4))
+            engine.runner.native = stack
+            python_ms = statistics.median(model_ms[False]) - statistics.median(model_ms[True])
         op_ms = sum(entry["ms"] for entry in ops.values())
         step_ms = statistics.median(walls) * 1000
         result[str(level)] = {
@@ -137,7 +151,9 @@ def measure(levels: list[int], steps: int) -> dict:
             "phases_ms": phase_ms,
             "model_ops_ms": {k: round(v["ms"], 4) for k, v in sorted(ops.items(), key=lambda i: -i[1]["ms"])},
             "model_op_calls": {k: round(v["calls"], 1) for k, v in ops.items()},
-            "python_and_dispatch_ms": phase_ms["model"] - op_ms,
+            "profiled_op_ms": op_ms,
+            "ops_called_from_python": top_level / profiled if stack is None else None,
+            "python_between_ops_ms": python_ms,
         }
         engine.abort(sequences)
         print(
@@ -149,6 +165,15 @@ def measure(levels: list[int], steps: int) -> dict:
         )
     result["torch_threads"] = torch.get_num_threads()
     return result
+
+
+def timed_steps(engine, steps: int) -> list[float]:
+    walls = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        engine.step()
+        walls.append(time.perf_counter() - started)
+    return walls
 
 
 def in_tree(tree: Path, levels: list[int], steps: int) -> dict:

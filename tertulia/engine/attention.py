@@ -79,6 +79,30 @@ class PrefillAttention:
         return out.permute(2, 0, 1, 3).reshape(length, heads * dim)
 
 
+class PrefillBatchAttention:
+    """Several chunks' tokens in one forward: each chunk attends alone (its PrefillAttention) to its rows.
+
+    Only the matmuls outside attention see the rows together; with kernels whose rows do not depend on
+    each other (see quant.rows_independent) every chunk gets the numbers it gets alone. Chunks are
+    attended in order within each layer, so a chunk that reads blocks an earlier chunk of the same
+    forward writes (a prompt sharing a prefix admitted this step) finds them written.
+    """
+
+    def __init__(self, parts: list[PrefillAttention]) -> None:
+        self.parts = parts
+        self.bounds = [0]
+        for part in parts:
+            self.bounds.append(self.bounds[-1] + part.end - part.start)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.cat(
+            [
+                part(layer, q[first:last], k[first:last], v[first:last])
+                for part, first, last in zip(self.parts, self.bounds, self.bounds[1:], strict=False)
+            ]
+        )
+
+
 class _Bucket:
     """Sequences whose lengths round up to the same DECODE_BUCKET multiple: one attention call."""
 

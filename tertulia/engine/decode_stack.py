@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from tertulia.engine import native
+from tertulia.engine import native, quant
 from tertulia.engine.attention import DecodeAttention
 from tertulia.engine.kv_cache import KVCache
-from tertulia.engine.quant import Int4Linear
 from tertulia.models.llama import LlamaModel
 
-_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+_PROJECTIONS = quant.INT4_TARGETS
 
 
 class NativeDecode:
@@ -30,9 +29,9 @@ class NativeDecode:
         layers = list(module.layers)
         if cache.device.type != "cpu" or not layers:
             return None
-        projections = [[getattr(layer, name) for name in _PROJECTIONS] for layer in layers]
-        if not all(isinstance(p, Int4Linear) for row in projections for p in row):
+        if not quant.rows_independent(module):
             return None
+        projections = [[getattr(layer, name) for name in _PROJECTIONS] for layer in layers]
         if len({p.group_size for row in projections for p in row}) != 1:
             return None
         biases = [row[0].bias for row in projections]

@@ -141,7 +141,7 @@ class Int8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-_INT4_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+INT4_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 def _int4_from_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> list[tuple]:
@@ -153,7 +153,7 @@ def _int4_from_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> l
     for i, layer in enumerate(module.layers):
         if f"layers.{i}.qkv_proj.packed" not in tensors:
             continue  # this layer stayed float32 (see _quantize_int4)
-        for name in _INT4_TARGETS:
+        for name in INT4_TARGETS:
             prefix = f"layers.{i}.{name}."
             linear = getattr(layer, name)
             replaced.append((layer, name, linear))
@@ -179,6 +179,18 @@ def _restore(replaced: list[tuple]) -> None:
             owner.matmul_dtype = torch.float32
 
 
+def rows_independent(module: nn.Module) -> bool:
+    """True when every matmul of the model computes each row on its own: all projections int4 and the
+    head int8, whose CPU kernels give a row the same numbers whatever the row count (float32 GEMM
+    takes other paths for a few rows, and rounds differently)."""
+    layers = list(getattr(module, "layers", []))
+    return (
+        bool(layers)
+        and all(isinstance(getattr(layer, name), Int4Linear) for layer in layers for name in INT4_TARGETS)
+        and isinstance(getattr(module, "lm_head", None), Int8Linear)
+    )
+
+
 def _int4_compatible(linear: nn.Linear) -> bool:
     """The packed kernel needs whole groups along the input and outputs in multiples of 16."""
     return linear.in_features % GROUP_SIZE == 0 and linear.out_features % 16 == 0
@@ -187,9 +199,9 @@ def _int4_compatible(linear: nn.Linear) -> bool:
 def _quantize_int4(module: nn.Module) -> None:
     # A layer is converted whole or not at all: its matmul dtype switches to bf16 for every projection.
     for layer in module.layers:
-        linears = [getattr(layer, name) for name in _INT4_TARGETS]
+        linears = [getattr(layer, name) for name in INT4_TARGETS]
         if all(_int4_compatible(linear) for linear in linears):
-            for name, linear in zip(_INT4_TARGETS, linears, strict=True):
+            for name, linear in zip(INT4_TARGETS, linears, strict=True):
                 setattr(layer, name, Int4Linear.quantize(linear))
             layer.matmul_dtype = torch.bfloat16
     module.lm_head = Int8Linear.quantize(module.lm_head)
