@@ -4,9 +4,17 @@
 
 Same model (the embedded default, float32), same data (the identity dataset, assistant-only labels),
 same LoRA (r=16, alpha=32, all linear layers), same optimizer and schedule, same machine. Each run is
-a fresh process and the two alternate, round after round; the script prints tokens per second of
-training (real tokens, padding not counted) for each, the medians, and the ratio. The Trainer gets
-the usual recipe: batches of 8 examples padded by `DataCollatorForSeq2Seq`.
+a fresh process and the two alternate, round after round. The Trainer gets its best recipe for this
+data: batches of 8 grouped by length (`train_sampling_strategy="group_by_length"`), padded by
+`DataCollatorForSeq2Seq`.
+
+Both sides are timed the same way, steps only: from the first batch's collation to the last
+optimizer step (Tertulia sums its steps, from collation to optimizer step; the Trainer is timed by a
+callback from `on_train_begin`, after its data loader and optimizer exist, to its last `on_step_end`).
+Neither side's model loading, validation or saving is counted. Tokens per second counts real tokens
+(padding not counted). Each side's quality is reported with it: its mean training loss, and the loss
+on the same held-out examples afterwards, computed the same way (mean negative log-likelihood per
+assistant token). Results go to results/finetune.json.
 """
 
 from __future__ import annotations
@@ -19,6 +27,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import describe
+
+RESULT = Path(__file__).parent / "results" / "finetune.json"
 
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
 LR = 1e-3
@@ -44,7 +56,8 @@ def run_tertulia(train: Path, epochs: int) -> dict[str, float]:
     return {
         "tokens": history.tokens,
         "seconds": history.seconds,
-        "last_loss": history.epochs[-1]["train_loss"],
+        "train_loss": history.epochs[-1]["train_loss"],
+        "validation_loss": history.epochs[-1]["val_loss"],
     }
 
 
@@ -57,6 +70,7 @@ def run_trainer(train: Path, epochs: int) -> dict[str, float]:
         AutoTokenizer,
         DataCollatorForSeq2Seq,
         Trainer,
+        TrainerCallback,
         TrainingArguments,
     )
 
@@ -66,9 +80,11 @@ def run_trainer(train: Path, epochs: int) -> dict[str, float]:
 
     _, directory = registry.model_directory()
     text = registry.load_text_side()
-    examples = [
-        tokenize(e.messages, text.template, sorted(text.tokenizer.end_of_turn_ids()))
-        for e in validate(train).examples
+    end_of_turn = sorted(text.tokenizer.end_of_turn_ids())
+    examples = [tokenize(e.messages, text.template, end_of_turn) for e in validate(train).examples]
+    held_out = [
+        tokenize(e.messages, text.template, end_of_turn)
+        for e in validate(train.with_name("validation.jsonl")).examples
     ]
     rows = {
         "input_ids": [e.ids for e in examples],
@@ -96,21 +112,54 @@ def run_trainer(train: Path, epochs: int) -> dict[str, float]:
         use_cpu=True,
         disable_tqdm=True,
         seed=0,
+        train_sampling_strategy="group_by_length",
     )
+
+    class StepClock(TrainerCallback):
+        """From the start of training (loader and optimizer made) to the last optimizer step."""
+
+        started = ended = 0.0
+
+        def on_train_begin(self, *args, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            self.ended = time.perf_counter()
+
+    clock = StepClock()
     trainer = Trainer(
         model=model,
         args=arguments,
         train_dataset=Dataset.from_dict(rows),
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest"),
+        callbacks=[clock],
     )
-    started = time.perf_counter()
     output = trainer.train()
-    seconds = time.perf_counter() - started
     return {
         "tokens": epochs * sum(len(e.ids) for e in examples),
-        "seconds": seconds,
-        "last_loss": output.training_loss,
+        "seconds": clock.ended - clock.started,
+        "train_loss": output.training_loss,
+        "validation_loss": assistant_loss(model, held_out),
     }
+
+
+def assistant_loss(model, examples) -> float:
+    """Mean negative log-likelihood per assistant token, as Tertulia's validation computes it."""
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    model.eval()
+    with torch.inference_mode():
+        for example in examples:
+            ids = torch.tensor([example.ids])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            targets = torch.tensor(example.ids[1:])
+            trained = torch.tensor(example.trained[1:])
+            losses = F.cross_entropy(logits, targets, reduction="none")[trained]
+            total += float(losses.sum())
+            count += int(trained.sum())
+    return total / max(count, 1)
 
 
 def main() -> None:
@@ -125,9 +174,10 @@ def main() -> None:
         print("RESULT " + json.dumps(run(args.data, args.epochs)), flush=True)
         return
     train = make_data(Path(tempfile.mkdtemp()))
-    rates: dict[str, list[float]] = {"tertulia": [], "trainer": []}
+    runs: dict[str, list[dict[str, float]]] = {"tertulia": [], "trainer": []}
     for round_number in range(1, args.rounds + 1):
-        for worker in ("tertulia", "trainer"):
+        order = ("tertulia", "trainer") if round_number % 2 else ("trainer", "tertulia")
+        for worker in order:
             command = [
                 sys.executable,
                 __file__,
@@ -141,17 +191,37 @@ def main() -> None:
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
             result = json.loads(line.removeprefix("RESULT "))
-            rate = result["tokens"] / result["seconds"]
-            rates[worker].append(rate)
+            result["tok/s"] = result["tokens"] / result["seconds"]
+            runs[worker].append(result)
             print(
-                f"round {round_number} {worker:9} {rate:6.1f} tok/s  ({result['tokens']} tokens in "
-                f"{result['seconds']:.0f} s, train loss {result['last_loss']:.3f})",
+                f"round {round_number} {worker:9} {result['tok/s']:6.1f} tok/s  ({result['tokens']} tokens "
+                f"in {result['seconds']:.0f} s, train loss {result['train_loss']:.3f}, held-out loss "
+                f"{result['validation_loss']:.3f})",
                 flush=True,
             )
-    ours, theirs = statistics.median(rates["tertulia"]), statistics.median(rates["trainer"])
-    ratios = [a / b for a, b in zip(rates["tertulia"], rates["trainer"], strict=True)]
-    print(f"median tok/s: tertulia {ours:.1f}, transformers Trainer {theirs:.1f}; ratio {ours / theirs:.2f}x")
-    print(f"per-round ratios: {', '.join(f'{r:.2f}' for r in ratios)}")
+    medians = {
+        worker: {key: statistics.median(r[key] for r in results) for key in results[0]}
+        for worker, results in runs.items()
+    }
+    ratio = medians["tertulia"]["tok/s"] / medians["trainer"]["tok/s"]
+    record = {
+        "machine": describe(),
+        "settings": {
+            "rounds": args.rounds,
+            "epochs": args.epochs,
+            "lora": LORA,
+            "lr": LR,
+            "trainer": "batches of 8, group_by_length, DataCollatorForSeq2Seq",
+        },
+        "runs": runs,
+        "medians": medians,
+        "ratio_tok_s": ratio,
+    }
+    RESULT.write_text(json.dumps(record, indent=2) + "\n")
+    print(
+        f"median tok/s: tertulia {medians['tertulia']['tok/s']:.1f}, transformers Trainer "
+        f"{medians['trainer']['tok/s']:.1f}; ratio {ratio:.2f}x; wrote {RESULT}"
+    )
 
 
 if __name__ == "__main__":
