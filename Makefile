@@ -75,21 +75,19 @@ test-portable: $(DEV_STAMP) $(NATIVE_STAMP)
 	@echo "Running the engine and generation tests with ATEN_CPU_CAPABILITY=$(OTHER_KERNELS)"
 	ATEN_CPU_CAPABILITY=$(OTHER_KERNELS) $(PY) -m pytest -q -rs $(PORTABLE_TESTS)
 
-# Peers for the benchmarks. llama.cpp's default native build crashes on some CPUs (AVX-512/AMX), so it is
-# built for AVX2; held-out chat text for the quality check comes from chatterbot-corpus (BSD).
+# Tools to build the llama.cpp peer (benchmarks/llama_cpp.py builds llama-server from source for this CPU);
+# held-out chat text for the quality check comes from chatterbot-corpus (BSD).
 BENCH_STAMP := $(VENV)/.installed-bench
-LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF
 
 $(BENCH_STAMP): $(DEV_STAMP)
 	command -v cmake >/dev/null && command -v ninja >/dev/null \
 		|| (apt-get update && apt-get install -y cmake ninja-build g++)
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PIP) install --quiet "llama-cpp-python[server]==0.3.36" \
-		|| echo "llama-cpp-python could not be built: benchmarks will skip that peer"
 	$(PIP) install --quiet --no-deps chatterbot-corpus==1.3.3
 	touch $(BENCH_STAMP)
 
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) $(NATIVE_STAMP)
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/step_profile.py --rounds 4
 	$(PY) benchmarks/llama_cpp.py build
 	$(PY) benchmarks/serve_load.py --rounds 3
 	$(PY) benchmarks/prefix_cache.py

@@ -125,12 +125,16 @@ class _Bucket:
                 where = torch.arange(where.start, where.stop, device=device)
             # Positions past the end read pool position 0 (masked, finite).
             parts.append(F.pad(where, (0, span - length)))
-        self.where = torch.cat(parts)
+        # Rows of the pool seen as [kv_heads * positions, head_dim], every kv head's positions in turn:
+        # one gather of whole rows, about twice as fast as gathering along the positions axis of
+        # [kv_heads, positions, head_dim] once sixteen sequences share a bucket.
+        heads = torch.arange(cache.keys[0].shape[0], device=device).unsqueeze(1) * cache.positions
+        self.where = (heads + torch.cat(parts)).flatten()
 
     def read(self, pool: torch.Tensor) -> torch.Tensor:
         """[kv_heads, count, span, head_dim] keys or values: each [span, head_dim] matrix contiguous,
         laid out the same whatever `count` is."""
-        gathered = pool.index_select(1, self.where)
+        gathered = pool.view(-1, pool.shape[2]).index_select(0, self.where)
         return gathered.view(pool.shape[0], self.count, self.span, pool.shape[2])
 
 

@@ -98,10 +98,11 @@ struct DecodeStack : torch::CustomClassHolder {
     return x;
   }
 
-  // attention._Bucket.read: [kv_heads, count, span, head_dim], each sequence's matrix contiguous.
+  // attention._Bucket.read: [kv_heads, count, span, head_dim], each sequence's matrix contiguous;
+  // `where` indexes the pool's rows seen as [kv_heads * positions, head_dim].
   static Tensor read(const Tensor& pool, const Tensor& where, int64_t span) {
-    Tensor gathered = pool.index_select(1, where);
-    return gathered.view({pool.size(0), where.size(0) / span, span, pool.size(2)});
+    Tensor gathered = pool.view({-1, pool.size(2)}).index_select(0, where);
+    return gathered.view({pool.size(0), where.size(0) / (pool.size(0) * span), span, pool.size(2)});
   }
 };
 
