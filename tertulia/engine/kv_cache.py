@@ -14,6 +14,8 @@ This module knows nothing of attention (attention.py) or of which sequences run 
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import torch
 
@@ -30,10 +32,16 @@ def bytes_per_position(config: ModelConfig, dtype: torch.dtype = torch.float32) 
 def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    # numpy's zeros is calloc: the kernel maps zero pages on first touch, so untouched blocks cost
-    # no memory (torch.zeros would write, and so commit, the whole budget at start-up).
+    # An anonymous mapping: the kernel maps zero pages on first touch, so untouched blocks cost no
+    # memory (torch.zeros would write, and so commit, the whole budget at start-up). In small pages:
+    # a block's keys and values lie in one region per layer and head, and with 2 MB pages (numpy's
+    # zeros asks for them) the first write to each region zeroed 2 MB, so a server's first request
+    # paid ~1 s to write 180 of them.
     count = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-    return torch.from_numpy(np.zeros(count, dtype=np.uint8)).view(dtype).view(shape)
+    memory = mmap.mmap(-1, max(count, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        memory.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(memory, dtype=torch.uint8, count=count).view(dtype).view(shape)
 
 
 class KVCache:
