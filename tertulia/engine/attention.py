@@ -95,6 +95,8 @@ class PrefillBatchAttention:
             self.bounds.append(self.bounds[-1] + part.end - part.start)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if len(self.parts) == 1:
+            return self.parts[0](layer, q, k, v)
         return torch.cat(
             [
                 part(layer, q[first:last], k[first:last], v[first:last])
