@@ -297,6 +297,50 @@ def finetune(result: dict) -> str:
     return "\n".join(lines)
 
 
+def targets(results: dict[str, dict]) -> str:
+    """The speed targets against the figures that answer them, when their result files exist."""
+    rows = []
+    serving, decoding = results.get("serve_load"), results.get("decode")
+    if serving:
+        medians, ratio = serving["medians"], serving["ratio_tok_s"]
+        levels = [str(n) for n in serving["settings"]["levels"]]
+        if "1" in levels:
+            rows.append(
+                (
+                    "single-stream decode over HTTP, × llama-server",
+                    "≥ 1.0× (floor 0.8×)",
+                    f"{ratio['1']:.2f}×",
+                )
+            )
+        if "16" in levels:
+            ours, theirs = medians["tertulia"]["16"], medians["llama-server"]["16"]
+            rows.append(("16 streams, aggregate tok/s, × llama-server", "≥ 2.0×", f"{ratio['16']:.2f}×"))
+            rows.append(
+                (
+                    "16 streams, first token p95",
+                    "no later than llama-server",
+                    f"{ours['ttft p95']:.2f} s against {theirs['ttft p95']:.2f} s",
+                )
+            )
+    if decoding:
+        for label, value in decoding["ratios"].items():
+            rows.append((f"engine decode, × transformers, {label}", "≥ 2.0×", f"{value:.2f}×"))
+        start = sorted(decoding["warm_start_seconds"])[len(decoding["warm_start_seconds"]) // 2]
+        rows.append(("warm `tertulia chat -p` to first token", "< 2 s", f"{start:.2f} s"))
+    if not rows:
+        return ""
+    lines = [
+        "## Targets",
+        "",
+        "From the result files of the sections below.",
+        "",
+        "| figure | target | now |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | {target} | {now} |" for name, target, now in rows]
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "json_mode": json_mode,
     "int4_cache": int4_cache,
@@ -309,13 +353,14 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
 
 
 def generated() -> str:
-    sections, unknown = [], []
-    for path in sorted(RESULTS.glob("*.json")):
-        render = RENDERERS.get(path.stem)
+    results = {path.stem: json.loads(path.read_text()) for path in sorted(RESULTS.glob("*.json"))}
+    sections, unknown = [targets(results)], []
+    for name, result in results.items():
+        render = RENDERERS.get(name)
         if render is None:
-            unknown.append(path.name)
+            unknown.append(f"{name}.json")
             continue
-        sections.append(render(json.loads(path.read_text())))
+        sections.append(render(result))
     if unknown:
         sections.append("Result files with no section yet: " + ", ".join(unknown) + ".")
     return "\n\n".join(sections)
