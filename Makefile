@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The C++ decode stack (tertulia/engine/csrc): compiled once here, never at run time; rebuilt when its
-# source changes. Without a compiler the engine runs its Python path (the same numbers, slower).
+# source changes. make stops if it cannot be built (the suite checks it runs); an installation without
+# it (pip alone, TERTULIA_NATIVE=0) runs the Python path: the same numbers, slower.
 NATIVE_STAMP := $(VENV)/.built-native
 $(NATIVE_STAMP): $(STAMP) tertulia/engine/csrc/decode_stack.cpp
 	$(PY) -m tertulia.engine.native

@@ -11,6 +11,7 @@ figures are written the same way, between its own pair of marker lines.
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -184,7 +185,7 @@ def decode(result: dict) -> str:
     lines += [
         "",
         f'Warm start of `tertulia chat -p "Hi!"` (a fresh process, caches warm, to its first byte of '
-        f"answer): median **{sorted(start)[len(start) // 2]:.2f} s** over {len(start)} runs "
+        f"answer): median **{statistics.median(start):.2f} s** over {len(start)} runs "
         f"({', '.join(f'{s:.2f}' for s in start)}).",
     ]
     if result["perplexity"]:
@@ -325,7 +326,7 @@ def targets(results: dict[str, dict]) -> str:
     if decoding:
         for label, value in decoding["ratios"].items():
             rows.append((f"engine decode, × transformers, {label}", "≥ 2.0×", f"{value:.2f}×"))
-        start = sorted(decoding["warm_start_seconds"])[len(decoding["warm_start_seconds"]) // 2]
+        start = statistics.median(decoding["warm_start_seconds"])
         rows.append(("warm `tertulia chat -p` to first token", "< 2 s", f"{start:.2f} s"))
     if not rows:
         return ""
@@ -397,7 +398,7 @@ def readme_figures() -> str:
             f"{label}: {medians[ours]:.0f} against {medians[theirs]:.0f} tok/s ({ratios[label]:.2f}×)"
             for label, (ours, theirs) in result["pairs"].items()
         )
-        start = sorted(result["warm_start_seconds"])[len(result["warm_start_seconds"]) // 2]
+        start = statistics.median(result["warm_start_seconds"])
         lines += [
             "",
             f"The engine alone against Hugging Face transformers at the same precision, one stream "

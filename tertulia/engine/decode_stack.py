@@ -16,8 +16,6 @@ from tertulia.engine.attention import DecodeAttention
 from tertulia.engine.kv_cache import KVCache
 from tertulia.models.llama import LlamaModel
 
-_PROJECTIONS = quant.INT4_TARGETS
-
 
 class NativeDecode:
     def __init__(self, module: LlamaModel, stack: torch.ScriptObject) -> None:
@@ -29,19 +27,12 @@ class NativeDecode:
         layers = list(module.layers)
         if cache.device.type != "cpu" or not layers:
             return None
-        if not quant.rows_independent(module):
+        if not quant.rows_independent(module) or not native.available():
             return None
-        projections = [[getattr(layer, name) for name in _PROJECTIONS] for layer in layers]
-        if len({p.group_size for row in projections for p in row}) != 1:
-            return None
-        biases = [row[0].bias for row in projections]
-        if any(b is not None for b in (p.bias for row in projections for p in row[1:])):
-            return None
-        if any(b is None for b in biases) and any(b is not None for b in biases):
-            return None
-        if not native.available():
-            return None
+        projections = [[getattr(layer, name) for name in quant.INT4_TARGETS] for layer in layers]
         config = module.config
+        # Only q/k/v may have a bias (Qwen2), in every layer or none (the config says which).
+        biases = [row[0].bias for row in projections] if config.attention_bias else []
 
         def packed(index: int) -> list[torch.Tensor]:
             return [row[index].packed for row in projections]
@@ -54,7 +45,7 @@ class NativeDecode:
             [layer.post_attention_norm.detach() for layer in layers],
             packed(0),
             scales(0),
-            [] if biases[0] is None else list(biases),
+            biases,
             packed(1),
             scales(1),
             packed(2),
@@ -66,7 +57,7 @@ class NativeDecode:
             config.num_attention_heads,
             config.num_key_value_heads,
             config.head_dim,
-            projections[0][0].group_size,
+            projections[0][0].group_size,  # quant packs every layer with one group size
             float(config.rms_norm_eps),
         )
         return cls(module, stack)

@@ -208,8 +208,6 @@ class Engine:
 
     def _prefill(self, chunks: list[PrefillChunk]) -> list[StepOutput]:
         outputs: list[StepOutput] = []
-        if not chunks:
-            return outputs
         for chunk, logits in zip(chunks, self.runner.prefill(chunks), strict=True):
             if logits is not None:
                 outputs += self.sampler.sample(chunk.sample_for, logits)

@@ -14,9 +14,9 @@ This module knows nothing of attention (attention.py) or of which sequences run 
 
 from __future__ import annotations
 
+import math
 import mmap
 
-import numpy as np
 import torch
 
 from tertulia.engine.blocks import BLOCK_SIZE, BlockAllocator
@@ -37,7 +37,7 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     # a block's keys and values lie in one region per layer and head, and with 2 MB pages (numpy's
     # zeros asks for them) the first write to each region zeroed 2 MB, so a server's first request
     # paid ~1 s to write 180 of them.
-    count = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    count = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     memory = mmap.mmap(-1, max(count, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         memory.madvise(mmap.MADV_NOHUGEPAGE)

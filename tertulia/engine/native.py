@@ -3,7 +3,7 @@
 A decode step makes about 40 op calls per layer; from Python each costs a few microseconds of
 interpreter and argument parsing, which at one stream was a third of a token's time. The C++ stack
 makes the same ATen calls on the same shapes in the same order, so its logits are the Python path's
-bit for bit (tests/engine/test_native.py); only the interpreter between the ops is gone.
+bit for bit (tests/engine/test_decode_stack.py); only the interpreter between the ops is gone.
 
 Built by `python -m tertulia.engine.native` (the Makefile's install step runs it), with torch's own
 extension builder, into a folder keyed by the source, torch's version and Python's: a new torch or an
@@ -53,7 +53,7 @@ def library() -> Path | None:
 
 
 def build(verbose: bool = False) -> Path:
-    """Compile the library (about a minute on two cores) unless it is already there."""
+    """Compile the library (about 20 s on two cores) unless it is already there."""
     built = library()
     if built is not None:
         return built

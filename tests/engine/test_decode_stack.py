@@ -47,7 +47,6 @@ def test_decode_logits_equal_the_python_forward_bit_for_bit(make_tiny_model: Mak
         engine.add(prompt(length, seed), greedy)
     while engine.waiting or engine.prefilling:
         engine.step()
-    compared = 0
     for _ in range(6):
         batch = engine.scheduler.decode_batch(list(engine.running))
         assert batch is not None
@@ -58,8 +57,6 @@ def test_decode_logits_equal_the_python_forward_bit_for_bit(make_tiny_model: Mak
         got = engine.runner.decode(batch)
         assert torch.equal(got, expected)
         engine.sampler.sample(batch.sequences, got)
-        compared += 1
-    assert compared == 6
 
 
 def test_generation_is_the_same_with_and_without_the_stack(
