@@ -95,6 +95,17 @@ def web(embedded_dir, tmp_path_factory) -> Iterator[WebServer]:
         yield WebServer(url, served, store)
 
 
+def shown(locator) -> str:
+    """The text a reader sees in `locator`, read once the browser has painted it.
+
+    Messages use `content-visibility: auto`: until the frame after they are (re)built, Chromium skips
+    their contents and `innerText` is empty. Two animation frames later their visibility has been
+    decided and laid out, so the read is what is on screen."""
+    two_frames = "() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))"
+    locator.page.evaluate(two_frames)
+    return locator.inner_text()
+
+
 def export_of(*turns: tuple[str, str], title: str = "Imported chat") -> dict:
     """A conversation export (the import format): one branch of (role, content) turns."""
     messages = []

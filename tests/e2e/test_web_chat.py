@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import export_of
+from tests.e2e.conftest import export_of, shown
 
 pytestmark = pytest.mark.slow
 
@@ -68,9 +68,9 @@ def test_a_message_streams_is_kept_and_survives_a_reload(page, web) -> None:
     )
     page.wait_for_function("() => Number(document.body.dataset.replies || 0) >= 1", timeout=120_000)
     assert page.locator("#send").is_visible()
-    reply = page.locator(".message.assistant .content").last.inner_text()
+    reply = shown(page.locator(".message.assistant .content").last)
     assert len(reply) > first
-    assert re.search(r"\d+ tokens · [\d.]+ tok/s", page.locator(".message.assistant .stats").inner_text())
+    assert re.search(r"\d+ tokens · [\d.]+ tok/s", shown(page.locator(".message.assistant .stats")))
     cid = conversation_id(page)
     stored = web.conversation(cid)
     assert [m["role"] for m in stored["messages"]] == ["user", "assistant"]
@@ -82,8 +82,8 @@ def test_a_message_streams_is_kept_and_survives_a_reload(page, web) -> None:
     )
     page.reload()
     page.wait_for_selector("body[data-ready='true']")
-    assert page.locator(".message.user .content").inner_text() == "Write a short poem about the sea."
-    assert page.locator(".message.assistant .content").inner_text() == reply
+    assert shown(page.locator(".message.user .content")) == "Write a short poem about the sea."
+    assert shown(page.locator(".message.assistant .content")) == reply
     assert "tokens" in page.locator(".meter-label").inner_text()
 
 
@@ -98,7 +98,7 @@ def test_stop_really_stops_generation_and_keeps_the_partial_reply(page, web) -> 
     cid = conversation_id(page)
     reply = web.conversation(cid)["messages"][1]
     assert reply["status"] == "incomplete" and 0 < reply["completion_tokens"] < 2000
-    assert page.locator(".message.assistant .content").inner_text().strip() == reply["content"].strip()
+    assert shown(page.locator(".message.assistant .content")).strip() == reply["content"].strip()
 
 
 def test_a_reload_mid_reply_keeps_what_was_written(page, web) -> None:
@@ -110,11 +110,11 @@ def test_a_reload_mid_reply_keeps_what_was_written(page, web) -> None:
     page.wait_for_selector("body[data-ready='true']")
     # What was generated was saved as it streamed; the cut reply is closed and marked incomplete.
     page.wait_for_selector(".message.assistant .badge.incomplete")
-    shown = page.locator(".message.assistant .content").inner_text()
-    assert len(shown) > 60
+    written = shown(page.locator(".message.assistant .content"))
+    assert len(written) > 60
     assert web.wait_until_idle(timeout=10)
     stored = web.conversation(cid)["messages"][1]
-    assert stored["status"] == "incomplete" and stored["content"].strip() == shown.strip()
+    assert stored["status"] == "incomplete" and stored["content"].strip() == written.strip()
 
 
 def test_regenerate_edit_and_switch_branches(page, web) -> None:
@@ -127,13 +127,13 @@ def test_regenerate_edit_and_switch_branches(page, web) -> None:
     page.click(".message.assistant .regenerate")
     page.wait_for_function(f"() => Number(document.body.dataset.replies) > {before}", timeout=120_000)
     assistant = page.locator(".message.assistant")
-    assert assistant.locator(".branch-label").inner_text() == "2/2"
+    assert shown(assistant.locator(".branch-label")) == "2/2"
     assert assistant.get_attribute("data-id") != first_reply
     page.click(".message.assistant .branch-prev")
     page.wait_for_function(
         f"() => document.querySelector('.message.assistant').dataset.id === '{first_reply}'"
     )
-    assert page.locator(".message.assistant .branch-label").inner_text() == "1/2"
+    assert shown(page.locator(".message.assistant .branch-label")) == "1/2"
 
     # Editing the question makes a second version of it, with its own answer.
     page.click(".message.user .edit-message")
@@ -141,17 +141,17 @@ def test_regenerate_edit_and_switch_branches(page, web) -> None:
     before = replies_done(page)
     page.click(".save-edit")
     page.wait_for_function(f"() => Number(document.body.dataset.replies) > {before}", timeout=120_000)
-    assert page.locator(".message.user .content").inner_text() == "Name an animal."
-    assert page.locator(".message.user .branch-label").inner_text() == "2/2"
+    assert shown(page.locator(".message.user .content")) == "Name an animal."
+    assert shown(page.locator(".message.user .branch-label")) == "2/2"
     page.click(".message.user .branch-prev")
     page.wait_for_function(
         "() => document.querySelector('.message.user .content').textContent === 'Name a color.'"
     )
     # The old question keeps its two answers; switching to it shows its newest one.
-    assert page.locator(".message.assistant .branch-label").inner_text() == "2/2"
+    assert shown(page.locator(".message.assistant .branch-label")) == "2/2"
     page.reload()
     page.wait_for_selector("body[data-ready='true']")
-    assert page.locator(".message.user .content").inner_text() == "Name a color."
+    assert shown(page.locator(".message.user .content")) == "Name a color."
 
 
 def test_a_persona_gives_the_assistant_its_identity(page, web) -> None:
@@ -169,7 +169,7 @@ def test_a_persona_gives_the_assistant_its_identity(page, web) -> None:
     assert page.locator(".empty h1").inner_text() == "You are talking to Luna."
     assert page.locator("#persona-picker option:checked").inner_text() == "Luna"
     send(page, "What is your name?")
-    assert "Luna" in page.locator(".message.assistant .content").inner_text()
+    assert "Luna" in shown(page.locator(".message.assistant .content"))
     stored = web.conversation(conversation_id(page))
     assert stored["persona_id"] is not None
 
@@ -243,7 +243,7 @@ def test_export_json_and_markdown_and_import_back(page, web) -> None:
     )
     copy = conversation_id(page)
     assert copy != cid and web.conversation(copy)["title"] == "Exportable"
-    assert page.locator(".message.assistant .content strong").inner_text() == "Done"
+    assert shown(page.locator(".message.assistant .content strong")) == "Done"
 
 
 def json_file(name: str, content: bytes) -> dict:
@@ -339,4 +339,4 @@ def test_shift_enter_is_a_new_line_and_enter_sends(page, web) -> None:
     before = replies_done(page)
     page.keyboard.press("Enter")
     page.wait_for_function(f"() => Number(document.body.dataset.replies || 0) > {before}", timeout=120_000)
-    assert page.locator(".message.user .content").inner_text() == "first line\nsecond line"
+    assert shown(page.locator(".message.user .content")) == "first line\nsecond line"

@@ -14,7 +14,7 @@ from tertulia.providers.local import LocalProvider
 from tertulia.server.app import create_app
 from tertulia.store.conversations import Store
 from tertulia.store.database import open_store
-from tests.e2e.conftest import export_of
+from tests.e2e.conftest import export_of, shown
 from tests.e2e.test_web_chat import json_file, open_site, send, set_setting
 from tests.server.conftest import running
 
@@ -69,17 +69,17 @@ def test_xss_in_a_user_message_and_in_a_model_reply_stays_inert(page, web) -> No
     )
     open_site(page, web, f"/c/{cid}")
     reply = page.locator(".message.assistant .content")
-    text = reply.inner_text()
+    text = shown(reply)
     for payload in ('<img src=x onerror="window.__xss=1">', "<script>window.__xss=1</script>", "<svg onload"):
         assert payload in text  # shown as the text it is
-    assert reply.locator("pre code").inner_text().strip() == "<script>window.__xss=1</script>"
+    assert shown(reply.locator("pre code")).strip() == "<script>window.__xss=1</script>"
     assert page.locator(f"#conversation-list [data-id='{cid}']").inner_text() == PAYLOADS[0]
     assert_inert(page)
 
     # The same payloads typed by the user, then answered by the real model.
     set_setting(page, "max_tokens", "8")
     send(page, EVIL)
-    assert page.locator(".message.user .content").last.inner_text() == EVIL
+    assert shown(page.locator(".message.user .content").last) == EVIL
     assert_inert(page)
     page.reload()
     page.wait_for_selector("body[data-ready='true']")
@@ -173,7 +173,7 @@ def test_with_auth_one_user_cannot_open_anothers_conversation(browser, auth_site
     # Ana still has it, untouched.
     ana.reload()
     ana.wait_for_selector("body[data-ready='true']")
-    assert ana.locator(".message.user .content").inner_text() == "Ana's secret"
+    assert shown(ana.locator(".message.user .content")) == "Ana's secret"
     # Logged out, the page asks for a login again.
     ana.on("dialog", lambda dialog: dialog.accept())
     ana.click("#open-account")
