@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -38,7 +39,21 @@ def unpack(ref: str, into: Path) -> str:
     )
     with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
         tar.extractall(into, filter="data")
+    build_native(into)
     return commit
+
+
+def build_native(tree: Path) -> None:
+    """Give the unpacked package its C++ decode stack, as `make` gives the working tree's: the builds
+    beside this tree's source are copied first (one whose source is unchanged is then reused), and
+    whatever is missing is compiled. A commit from before the stack has nothing to build."""
+    if not (tree / "tertulia" / "engine" / "native.py").is_file():
+        return
+    ours = ROOT / "tertulia" / "engine" / "csrc" / "build"
+    if ours.is_dir():
+        shutil.copytree(ours, tree / "tertulia" / "engine" / "csrc" / "build", dirs_exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    subprocess.run([sys.executable, "-m", "tertulia.engine.native"], env=env, check=True, capture_output=True)
 
 
 def serve(tree: Path) -> tuple[str, subprocess.Popen]:

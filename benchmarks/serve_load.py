@@ -24,8 +24,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -80,7 +82,43 @@ def start(command: list[str], url: str, env: dict[str, str] | None = None) -> su
     raise RuntimeError(f"{command[:4]} did not start")
 
 
-async def one(client: httpx.AsyncClient, base: str, model: str, topic: str, tokens: int) -> Sample:
+async def post_events(base: str, body: dict) -> AsyncIterator[bytes]:
+    """POST `body` as JSON and yield each server-sent event line as it arrives.
+
+    A plain HTTP/1.1 client on asyncio streams, not httpx: an httpx client spent about 0.2 ms of CPU
+    per token (this one about 0.05 ms), on the same two cores as the server under test, which at
+    sixteen streams took 3 ms of every decode step from the servers being measured. Both servers answer
+    with chunked transfer encoding; this reads the chunks and splits their data into lines.
+    """
+    url = urlsplit(base)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    payload = json.dumps(body).encode()
+    writer.write(
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+        + payload
+    )
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = head.split(b" ", 2)[1]
+        if status != b"200":
+            raise RuntimeError(f"HTTP {status.decode()}: {(await reader.read()).decode()[:300]}")
+        if b"chunked" not in head.lower():
+            raise RuntimeError("expected a chunked event stream")
+        pending = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip().split(b";")[0], 16)
+            if size == 0:
+                break
+            data = await reader.readexactly(size + 2)
+            *lines, pending = (pending + data[:-2]).split(b"\n")
+            for line in lines:
+                yield line
+    finally:
+        writer.close()
+
+
+async def one(base: str, model: str, topic: str, tokens: int) -> Sample:
     body = {
         "model": model,
         "messages": [{"role": "user", "content": f"Write a long story about {topic}."}],
@@ -92,20 +130,19 @@ async def one(client: httpx.AsyncClient, base: str, model: str, topic: str, toke
     started = time.perf_counter()
     sample: Sample | None = None
     last = started
-    async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            choices = json.loads(line[len("data: ") :]).get("choices") or [{}]
-            if not (choices[0].get("delta") or {}).get("content"):
-                continue  # the role chunk, finish chunk or usage chunk: not a token
-            now = time.perf_counter()
-            if sample is None:
-                sample = Sample(ttft=now - started)
-            else:
-                sample.gaps.append(now - last)
-            sample.tokens += 1
-            last = now
+    async for line in post_events(base, body):
+        if not line.startswith(b"data: {"):
+            continue
+        choices = json.loads(line[len(b"data: ") :]).get("choices") or [{}]
+        if not (choices[0].get("delta") or {}).get("content"):
+            continue  # the role chunk, finish chunk or usage chunk: not a token
+        now = time.perf_counter()
+        if sample is None:
+            sample = Sample(ttft=now - started)
+        else:
+            sample.gaps.append(now - last)
+        sample.tokens += 1
+        last = now
     assert sample is not None, "no tokens streamed"
     return sample
 
@@ -113,14 +150,13 @@ async def one(client: httpx.AsyncClient, base: str, model: str, topic: str, toke
 async def level(base: str, model: str, concurrency: int, tokens: int, rounds: int) -> dict[str, float]:
     samples: list[Sample] = []
     wall = 0.0
-    async with httpx.AsyncClient(timeout=600) as client:
-        for _ in range(rounds):
-            started = time.perf_counter()
-            batch = await asyncio.gather(
-                *(one(client, base, model, TOPICS[i % len(TOPICS)], tokens) for i in range(concurrency))
-            )
-            wall += time.perf_counter() - started
-            samples += batch
+    for _ in range(rounds):
+        started = time.perf_counter()
+        batch = await asyncio.gather(
+            *(one(base, model, TOPICS[i % len(TOPICS)], tokens) for i in range(concurrency))
+        )
+        wall += time.perf_counter() - started
+        samples += batch
     ttfts = sorted(s.ttft for s in samples)
     gaps = sorted(g for s in samples for g in s.gaps)
 

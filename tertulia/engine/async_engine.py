@@ -2,8 +2,9 @@
 
 Two ways to drive it, chosen when it is made. Served (`start()` or `run_here()`): the engine steps
 in a thread of its own, so the event loop never blocks on a forward pass; requests and aborts reach
-that thread through an inbox, outputs go back to each request's asyncio queue with
-`call_soon_threadsafe`, and new requests join the running batch at the next step (continuous
+that thread through an inbox, outputs go back to each request's asyncio queue, all of a step's in one
+`call_soon_threadsafe` per event loop (one wake-up of the loop per step, not one per token), and new
+requests join the running batch at the next step (continuous
 batching). Inline: whoever reads a stream steps the engine, in its own thread, as a one-user terminal
 or an evaluation does; streams read together (`asyncio.gather`) still share each step's batch. That
 thread is usually the main one, where torch's OpenMP workers run at full speed.
@@ -41,6 +42,11 @@ class EngineObserver(Protocol):
     def finished(self, prompt_tokens: int, completion_tokens: int) -> None: ...
 
 
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for target, item in items:
+        target.put_nowait(item)
+
+
 @dataclass(eq=False)
 class RequestStream:
     """One request's outputs, consumed with `async for` on the loop that submitted it."""
@@ -58,8 +64,8 @@ class RequestStream:
     def push(self, item: object) -> None:
         if self.owner.inline:
             self.queue.put_nowait(item)
-        else:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        else:  # in the engine thread: handed over with the rest of this round's outputs
+            self.owner._outbox.append((self, item))
 
     async def __aiter__(self) -> AsyncIterator[StepOutput]:
         while True:
@@ -90,6 +96,7 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[int, RequestStream] = {}
+        self._outbox: list[tuple[RequestStream, object]] = []  # engine thread only
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="tertulia-engine", daemon=True)
 
@@ -198,12 +205,29 @@ class AsyncEngine:
                     for seq in stream.sequences:
                         stream.push(StepOutput(seq, "", None))
                     self._finish(stream)
+                self._deliver()
                 return
             if not self.engine.has_work:
+                self._deliver()
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
             self._step()
+            self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand the outputs pushed since the last call to their event loops, one call per loop."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for stream, item in self._outbox:
+            by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody is left to read its streams
+                log.warning("dropped %d outputs for a closed event loop", len(items))
 
     def _step(self) -> None:
         """Step the engine once and hand each output to its request's stream."""

@@ -5,10 +5,9 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable
 
-from fastapi import Request
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -18,21 +17,24 @@ from tertulia.server.errors import APIError, envelope
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
-class GuardMiddleware(BaseHTTPMiddleware):
+class GuardMiddleware:
     """API keys on /v1 (when configured) and a body-size limit, answered in OpenAI's error shape.
 
     With accounts (`key_user`), /v1 also takes any user's API key, and /api is left to the routes
     (session cookie or key, see auth_api). Without accounts, /api is guarded by the server's keys.
+
+    Plain ASGI rather than Starlette's BaseHTTPMiddleware: that one passes every chunk of a streamed
+    response through a memory stream between two tasks, a cost paid per token on every stream.
     """
 
     def __init__(
         self,
-        app,  # type: ignore[no-untyped-def]
+        app: ASGIApp,
         api_keys: set[str],
         key_user: Callable[[str], object | None] | None = None,
         max_body: int = MAX_BODY_BYTES,
     ) -> None:
-        super().__init__(app)
+        self.app = app
         self.api_keys = api_keys
         self.key_user = key_user
         self.max_body = max_body
@@ -42,12 +44,19 @@ class GuardMiddleware(BaseHTTPMiddleware):
             return True
         return self.key_user is not None and bool(token) and self.key_user(token) is not None
 
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        path = request.url.path
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refusal = await self._refusal(Headers(scope=scope), scope["path"])
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    async def _refusal(self, headers: Headers, path: str) -> Response | None:
         guarded = path.startswith("/v1") and (self.api_keys or self.key_user is not None)
         guarded = guarded or (path.startswith("/api") and self.api_keys and self.key_user is None)
         if guarded:
-            header = request.headers.get("authorization", "")
+            header = headers.get("authorization", "")
             token = header[7:].strip() if header.lower().startswith("bearer ") else ""
             if not await run_in_threadpool(self._allowed, token):
                 return envelope(
@@ -56,10 +65,10 @@ class GuardMiddleware(BaseHTTPMiddleware):
                     "invalid_request_error",
                     code="invalid_api_key",
                 )
-        length = request.headers.get("content-length")
+        length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             return envelope(413, too_large(self.max_body), "invalid_request_error")
-        return await call_next(request)
+        return None
 
 
 def too_large(limit: int) -> str:

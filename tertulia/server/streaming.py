@@ -52,37 +52,57 @@ def sse(data: dict[str, Any]) -> str:
 HEARTBEAT_SECONDS = 10.0
 
 
+_END = object()
+
+
 async def with_heartbeat(events: AsyncIterator[str]) -> AsyncIterator[str]:
     """`events`, opened with an SSE comment (so headers and a first byte leave at once) and with
     another whenever nothing was sent for HEARTBEAT_SECONDS: a request waiting in a long queue keeps
     its client's read timeout from firing. Clients ignore comment lines.
 
-    `events` is started before the first byte is sent, so that its own cleanup (cancelling the
-    request, saving a reply cut short) runs whenever this generator is closed.
+    `events` runs in a task of its own from before the first byte is sent, feeding a queue, so that
+    its own cleanup (cancelling the request, saving a reply cut short) runs whenever this generator is
+    closed. One timer per stream watches for silence: an event costs a queue hand-over, not a new
+    task and a new timeout as a timed wait per event would.
     """
-    iterator = events.__aiter__()
-    pending = asyncio.ensure_future(iterator.__anext__())
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Queue[Any] = asyncio.Queue()
+    last_sent = loop.time()
+
+    async def pump() -> None:
+        try:
+            async for item in events:
+                ready.put_nowait(item)
+        except Exception as exc:  # noqa: BLE001 - raised again where the stream is read
+            ready.put_nowait(exc)
+        finally:
+            ready.put_nowait(_END)
+
+    def watch() -> None:
+        nonlocal last_sent, timer
+        if loop.time() - last_sent >= HEARTBEAT_SECONDS:
+            ready.put_nowait(": still waiting\n\n")
+            last_sent = loop.time()
+        timer = loop.call_at(last_sent + HEARTBEAT_SECONDS, watch)
+
+    feeding = asyncio.ensure_future(pump())
+    timer = loop.call_at(last_sent + HEARTBEAT_SECONDS, watch)
     try:
         yield ": waiting for the model\n\n"
-        while True:
-            done, _ = await asyncio.wait({pending}, timeout=HEARTBEAT_SECONDS)
-            if not done:
-                yield ": still waiting\n\n"
-                continue
-            try:
-                item = pending.result()
-            except StopAsyncIteration:
-                return
+        while (item := await ready.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            last_sent = loop.time()
             yield item
-            pending = asyncio.ensure_future(iterator.__anext__())
     finally:
         # Reached when the client leaves too, inside a cancelled scope: shielded, so that `events`
         # is closed for certain and its own cleanup runs now.
-        pending.cancel()
+        timer.cancel()
+        feeding.cancel()
         with anyio.CancelScope(shield=True):
             with contextlib.suppress(asyncio.CancelledError, Exception):  # raised already, if at all
-                await pending
-            await iterator.aclose()  # type: ignore[attr-defined]
+                await feeding
+            await events.aclose()  # type: ignore[attr-defined]
 
 
 class _EventStream(StreamingResponse):
