@@ -23,9 +23,9 @@ $(STAMP): pyproject.toml
 
 # The C++ decode stack (tertulia/engine/csrc): compiled once here, never at run time; rebuilt when its
 # source changes. make stops if it cannot be built (the suite checks it runs); an installation without
-# it (pip alone, TERTULIA_NATIVE=0) runs the Python path: the same numbers, slower.
+# it (pip alone, TERTULIA_NATIVE=0) runs the Python path with PyTorch's int4 kernel: slower.
 NATIVE_STAMP := $(VENV)/.built-native
-$(NATIVE_STAMP): $(STAMP) tertulia/engine/csrc/decode_stack.cpp
+$(NATIVE_STAMP): $(STAMP) $(wildcard tertulia/engine/csrc/*.cpp)
 	$(PY) -m tertulia.engine.native
 	touch $(NATIVE_STAMP)
 

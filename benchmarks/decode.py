@@ -66,7 +66,7 @@ def low_precision(model: torch.nn.Module) -> None:
             (layer.mlp, ("gate_proj", "up_proj", "down_proj")),
         ):
             for name in names:
-                setattr(owner, name, Int4Linear.quantize(getattr(owner, name)))
+                setattr(owner, name, Int4Linear.quantize(getattr(owner, name), own=False))
     model.lm_head = Int8Linear.quantize(model.lm_head)
 
 

@@ -13,6 +13,9 @@ its int4 layers:
 - "portable: pack from int32": 4-bit values stored one per int32, packed at load;
 - "portable: pack from nibbles": two values per byte (the smallest file), unpacked then packed.
 
+This is about PyTorch's int4 kernel, whose layout depends on the kernel set; the engine's own kernel
+(CPUs with AVX512-BF16, see engine/quant.py) has one layout everywhere, so it is switched off here.
+
 Writes benchmarks/results/int4_cache.json (medians, every run, file sizes, the machine).
 """
 
@@ -20,12 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
+
+os.environ["TERTULIA_NATIVE"] = "0"  # PyTorch's kernel and layout (see above); before tertulia loads
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

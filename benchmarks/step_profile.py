@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Op name fragments, in order of precedence, and the group they count in.
 GROUPS = [
     ("int4pack_mm", "int4 matmuls (120 per token)"),
+    ("int4_mm", "int4 matmuls (120 per token)"),
     ("int8pack_mm", "int8 LM head"),
     ("index_select", "KV cache: gather"),
     ("index_copy", "KV cache: write"),

@@ -1,15 +1,17 @@
-"""The C++ decode stack (csrc/decode_stack.cpp): built once per installation, loaded when present.
+"""The engine's C++ library: built once per installation, loaded when present. It holds
 
-A decode step makes about 40 op calls per layer; from Python each costs a few microseconds of
-interpreter and argument parsing, which at one stream was a third of a token's time. The C++ stack
-makes the same ATen calls on the same shapes in the same order, so its logits are the Python path's
-bit for bit (tests/engine/test_decode_stack.py); only the interpreter between the ops is gone.
+- the decode stack (csrc/decode_stack.cpp). A decode step makes about 40 op calls per layer; from
+  Python each costs a few microseconds of interpreter and argument parsing, which at one stream was a
+  third of a token's time. The C++ stack makes the same ATen calls on the same shapes in the same
+  order, so its logits are the Python path's bit for bit (tests/engine/test_decode_stack.py);
+- an int4 matmul for CPUs with AVX512-BF16 (csrc/int4_matmul.cpp), faster than PyTorch's own from a
+  few rows up; quant.py packs weights for it where it runs.
 
 Built by `python -m tertulia.engine.native` (the Makefile's install step runs it), with torch's own
-extension builder, into a folder keyed by the source, torch's version and Python's: a new torch or an
+extension builder, into a folder keyed by the sources, torch's version and Python's: a new torch or an
 edited source builds anew, never loads a stale library. At run time nothing is compiled: without a
-built library, or with TERTULIA_NATIVE=0, the engine runs the Python path and says so once in the
-log. This module does not know what a sequence or a bucket is; decode_stack.py does.
+built library, or with TERTULIA_NATIVE=0, the engine runs the Python path with PyTorch's int4 kernel
+and says so once in the log. This module does not know what a sequence or a bucket is; decode_stack.py does.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from tertulia import config as settings
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_stack.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "decode_stack.cpp", CSRC / "int4_matmul.cpp")
 NAME = "tertulia_decode_stack"
 
 
 def _key() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
     digest.update(f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}".encode())
     return digest.hexdigest()[:16]
 
@@ -41,7 +44,7 @@ def _key() -> str:
 def _folders() -> list[Path]:
     """Where a build may live: beside the source (an editable or venv install), else the data folder."""
     key = _key()
-    return [SOURCE.parent / "build" / key, settings.cache_dir() / "native" / key]
+    return [CSRC / "build" / key, settings.cache_dir() / "native" / key]
 
 
 def library() -> Path | None:
@@ -67,9 +70,9 @@ def build(verbose: bool = False) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             cpp_extension.load(
                 name=NAME,
-                sources=[str(SOURCE)],
+                sources=[str(source) for source in SOURCES],
                 build_directory=str(folder),
-                extra_cflags=["-O2"],
+                extra_cflags=["-O3"],
                 is_python_module=False,
                 verbose=verbose,
             )

@@ -1,9 +1,15 @@
 """Smaller weights for faster decode on CPU (decode reads every weight once per step).
 
 - "int4": weight-only 4-bit, groups of 32 along the input, asymmetric (scale and minimum per group),
-  with PyTorch's packed int4 CPU kernel and bf16 activations. For a Q4_1 GGUF source this reproduces
-  the file's own 4-bit weights: Q4_1 is exactly this format (its blocks use the full 0..15 range, so
-  min/max recover the block's scale and minimum), so the quantization adds no error of its own.
+  bf16 activations. Two kernels, and the weights are packed for one of them: the engine's own
+  (csrc/int4_matmul.cpp) where the C++ library is built and the CPU has AVX512-BF16, PyTorch's packed
+  int4 kernel elsewhere. Ours unpacks a group of weights once for all the rows of a call, where
+  PyTorch's converts them again for every few rows: a 16-stream decode step and a prefill are much
+  faster, one stream a little (the step profile in BENCHMARKS.md measures both trees).
+  Both compute each row on its own, so a row's numbers do not depend on the others in the call.
+  For a Q4_1 GGUF source this reproduces the file's own 4-bit weights: Q4_1 is exactly this format
+  (its blocks use the full 0..15 range, so min/max recover the block's scale and minimum), so the
+  quantization adds no error of its own.
 - "int8": FBGEMM dynamic quantization (int8 weights per channel, activations quantized per call).
 - "none": float32, the reference.
 
@@ -31,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -38,6 +45,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from tertulia.engine import native
 from tertulia.engine.attention import PrefillAttention
 from tertulia.engine.kv_cache import one_sequence
 from tertulia.errors import TertuliaError
@@ -71,8 +79,42 @@ def four_bit_values(
     return q, scale, low
 
 
+OWN_KERNEL = "bf16dot"  # names the engine's own int4 kernel where a kernel set is named
+
+
+@cache
+def own_kernel() -> bool:
+    """Whether int4 weights are packed for the engine's own kernel here (see the module docstring)."""
+    return native.available() and bool(torch.ops.tertulia.int4_mm_supported())
+
+
+def int4_kernels() -> str:
+    """The kernels int4 weights are packed for here: ours, or PyTorch's for its CPU kernel set."""
+    return OWN_KERNEL if own_kernel() else kernel_set()
+
+
+OWN_BLOCK = 32  # the engine's kernel takes outputs in blocks of this many (two tiles of 16)
+
+
+def pack_own(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-bit values q [out, in] (0..15) and each group's scale and zero [out, in / 32, 1] in the layout
+    of csrc/int4_matmul.cpp: bytes [out / 32, in / 32, 2, 256], float16 [out / 32, in / 32, 2, 2, 16]."""
+    rows, columns = q.shape
+    blocks, groups = rows // OWN_BLOCK, columns // GROUP_SIZE
+    # [block, group, tile, output, pair, j]: output 16 * tile + output, input 2 * pair + j of the group.
+    values = q.to(torch.uint8).view(blocks, 2, 16, groups, 16, 2).permute(0, 3, 1, 2, 4, 5)
+    # Pairs 2c and 2c + 1 share chunk c's bytes (low and high nibble); in a chunk, byte 2 * output + j.
+    packed = (values[..., 0::2, :] | (values[..., 1::2, :] << 4)).permute(0, 1, 2, 4, 3, 5)
+    scales = torch.stack([scale.squeeze(-1), zero.squeeze(-1)])  # [2, out, groups]
+    scales = scales.view(2, blocks, 2, 16, groups).permute(1, 4, 2, 0, 3)
+    return packed.reshape(blocks, groups, 2, 256).contiguous(), scales.to(torch.float16).contiguous()
+
+
 class Int4Linear(nn.Module):
-    """y = x W^T (+ b), W stored as packed 4-bit groups; computes in bf16, returns x's dtype."""
+    """y = x W^T (+ b), W stored as packed 4-bit groups; computes in bf16, returns x's dtype.
+
+    The layout of `packed` says which kernel it is for: 4-D for the engine's own, 2-D for PyTorch's.
+    """
 
     def __init__(
         self,
@@ -90,28 +132,44 @@ class Int4Linear(nn.Module):
         self.out_features = out_features
 
     @classmethod
-    def quantize(cls, linear: nn.Linear, group_size: int = GROUP_SIZE) -> Int4Linear:
+    def quantize(
+        cls, linear: nn.Linear, group_size: int = GROUP_SIZE, *, own: bool | None = None
+    ) -> Int4Linear:
+        """Pack `linear` for the engine's own kernel (`own`; by default where it runs) or PyTorch's."""
         q, scale, low = four_bit_values(linear.weight, group_size)
         out_features = q.shape[0]
-        # The kernel computes (q - 8) * scale + zero, so zero is the group's value at q = 8.
+        # Both kernels compute (q - 8) * scale + zero, so zero is the group's value at q = 8.
         zero = low + 8 * scale
-        scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        if (own_kernel() and out_features % OWN_BLOCK == 0) if own is None else own:
+            if not own_kernel() or group_size != GROUP_SIZE or out_features % OWN_BLOCK:
+                raise ValueError(
+                    "the engine's int4 kernel is not built here, or it takes groups of "
+                    f"{GROUP_SIZE} inputs and blocks of {OWN_BLOCK} outputs"
+                )
+            packed, scales_and_zeros = pack_own(q, scale, zero)
+        else:
+            scales_and_zeros = (
+                torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+            )
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         bias = None if linear.bias is None else linear.bias.detach().float()
         return cls(packed, scales_and_zeros, bias, out_features, group_size)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed.dim() == 4:
+            return torch.ops.tertulia.int4_mm(x, self.packed, self.scales_and_zeros)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, self.packed, self.group_size, self.scales_and_zeros
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Decode calls this 120 times per token: the common case (2-D bf16 input) skips the
         # reshapes and casts, each of which costs a dispatch.
-        if x.dim() == 2 and x.dtype == torch.bfloat16:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x, self.packed, self.group_size, self.scales_and_zeros
-            )
+        if x.dim() == 2 and x.dtype == torch.bfloat16 and x.is_contiguous():
+            y = self._matmul(x)
             return y if self.bias is None else y + self.bias
         shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed, self.group_size, self.scales_and_zeros
-        ).to(x.dtype)
+        y = self._matmul(x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -225,7 +283,7 @@ def kernel_set() -> str:
 
 def _layout() -> dict[str, str]:
     """Everything the packed int4 layout depends on."""
-    return {"format": str(FORMAT_VERSION), "torch": torch.__version__, "kernels": kernel_set()}
+    return {"format": str(FORMAT_VERSION), "torch": torch.__version__, "kernels": int4_kernels()}
 
 
 def _layout_tag() -> str:
@@ -235,8 +293,8 @@ def _layout_tag() -> str:
 
 
 def cache_file(directory: Path, weights_key: str) -> Path:
-    """Where the int4 weights of `weights_key` packed for this torch and CPU kernel set are cached."""
-    return directory / f"{weights_key}{_layout_tag()}{kernel_set()}.safetensors"
+    """Where the int4 weights of `weights_key` packed for this torch and these kernels are cached."""
+    return directory / f"{weights_key}{_layout_tag()}{int4_kernels()}.safetensors"
 
 
 def _fingerprint_logits(module: nn.Module) -> torch.Tensor:

@@ -1,6 +1,7 @@
 // The decoder layers of one batched decode step, in C++: the same ATen calls, in the same order and
 // on the same shapes, as models/llama.py's DecoderLayer with attention.py's DecodeAttention and
-// quant.py's Int4Linear. Only the Python between the ops is gone (about 40 interpreted op calls per
+// quant.py's Int4Linear (with whichever int4 kernel its weights were packed for: PyTorch's, or
+// int4_matmul.cpp's). Only the Python between the ops is gone (about 40 interpreted op calls per
 // layer), so the numbers are bit for bit those of the Python path, which stays the reference.
 //
 // It knows nothing of sequences or sampling: it gets the step's hidden states, rotations, where to
@@ -14,6 +15,10 @@
 
 using at::Tensor;
 using at::indexing::Slice;
+
+namespace tertulia {
+Tensor int4_matmul(const Tensor& x, const Tensor& packed, const Tensor& scales);  // int4_matmul.cpp
+}
 
 struct DecodeStack : torch::CustomClassHolder {
   // Per layer: norms, int4-packed projections (weight, scales-and-zeros), optional q/k/v bias, and
@@ -36,7 +41,9 @@ struct DecodeStack : torch::CustomClassHolder {
         down_scales(std::move(down_scales)), keys(std::move(keys)), values(std::move(values)),
         heads(heads), kv_heads(kv_heads), head_dim(head_dim), group_size(group_size), eps(eps) {}
 
+  // quant.Int4Linear.forward: the layout of `packed` says which kernel it was packed for.
   Tensor int4_linear(const Tensor& x, const Tensor& packed, const Tensor& scales) const {
+    if (packed.dim() == 4) return tertulia::int4_matmul(x, packed, scales);
     return at::_weight_int4pack_mm_for_cpu(x, packed, group_size, scales);
   }
 
