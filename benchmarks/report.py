@@ -154,6 +154,17 @@ def serve_load(result: dict) -> str:
             f"{ours['ttft p95']:.2f} s | {theirs['ttft p95']:.2f} s | {1000 * ours['itl p50']:.0f} ms | "
             f"{1000 * theirs['itl p50']:.0f} ms |"
         )
+    client = [
+        medians[name][str(n)].get("client cpu ms per token")
+        for name in ("tertulia", "llama-server")
+        for n in settings["levels"]
+    ]
+    if all(value is not None for value in client):
+        lines += [
+            "",
+            f"The load generator runs on the same cores: it used {min(client):.3f} to {max(client):.3f} ms "
+            "of CPU per streamed token.",
+        ]
     return "\n".join(lines)
 
 

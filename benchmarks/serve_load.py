@@ -150,6 +150,7 @@ async def one(base: str, model: str, topic: str, tokens: int) -> Sample:
 async def level(base: str, model: str, concurrency: int, tokens: int, rounds: int) -> dict[str, float]:
     samples: list[Sample] = []
     wall = 0.0
+    cpu = time.process_time()
     for _ in range(rounds):
         started = time.perf_counter()
         batch = await asyncio.gather(
@@ -157,6 +158,7 @@ async def level(base: str, model: str, concurrency: int, tokens: int, rounds: in
         )
         wall += time.perf_counter() - started
         samples += batch
+    cpu = time.process_time() - cpu
     ttfts = sorted(s.ttft for s in samples)
     gaps = sorted(g for s in samples for g in s.gaps)
 
@@ -169,6 +171,7 @@ async def level(base: str, model: str, concurrency: int, tokens: int, rounds: in
         "ttft p95": pct(ttfts, 0.95),
         "itl p50": pct(gaps, 0.5),
         "itl p95": pct(gaps, 0.95),
+        "client cpu ms per token": 1000 * cpu / max(1, sum(s.tokens for s in samples)),
     }
 
 
