@@ -82,10 +82,22 @@ def four_bit_values(
 OWN_KERNEL = "bf16dot"  # names the engine's own int4 kernel where a kernel set is named
 
 
+KERNEL_CHOICES = ("auto", "pytorch")
+
+
 @cache
 def own_kernel() -> bool:
-    """Whether int4 weights are packed for the engine's own kernel here (see the module docstring)."""
-    return native.available() and bool(torch.ops.tertulia.int4_mm_supported())
+    """Whether int4 weights are packed for the engine's own kernel here (see the module docstring).
+
+    TERTULIA_INT4_KERNEL=pytorch keeps PyTorch's kernel where ours would run: ours is much faster from
+    a few rows up, but over HTTP a single stream measured a few per cent slower with it (BENCHMARKS.md),
+    so a server that mostly answers one user at a time may prefer PyTorch's.
+    """
+    choice = os.environ.get("TERTULIA_INT4_KERNEL", "auto")
+    if choice not in KERNEL_CHOICES:
+        allowed = ", ".join(KERNEL_CHOICES)
+        raise TertuliaError(f"TERTULIA_INT4_KERNEL must be one of {allowed}, not '{choice}'.")
+    return choice == "auto" and native.available() and bool(torch.ops.tertulia.int4_mm_supported())
 
 
 def int4_kernels() -> str:

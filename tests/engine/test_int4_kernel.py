@@ -3,6 +3,10 @@ the other rows and of threads, every tail of rows and tiles, and clear errors fo
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -91,3 +95,17 @@ def test_bad_input_is_refused_with_a_message() -> None:
         torch.ops.tertulia.int4_mm(torch.randn(2, 96).bfloat16(), int4.packed, int4.scales_and_zeros)
     with pytest.raises(RuntimeError, match="scales"):
         torch.ops.tertulia.int4_mm(torch.randn(2, 64).bfloat16(), int4.packed, int4.scales_and_zeros.float())
+
+
+def test_the_environment_can_keep_pytorchs_kernel() -> None:
+    """TERTULIA_INT4_KERNEL=pytorch packs for PyTorch's kernel even here; a wrong value is named."""
+    code = "from tertulia.engine import quant; print(quant.int4_kernels())"
+    for value, expected in (("pytorch", quant.kernel_set()), ("auto", quant.OWN_KERNEL)):
+        env = {**os.environ, "TERTULIA_INT4_KERNEL": value}
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+        )
+        assert out.stdout.strip() == expected
+    env = {**os.environ, "TERTULIA_INT4_KERNEL": "fast"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode != 0 and "TERTULIA_INT4_KERNEL must be one of auto, pytorch" in out.stderr
