@@ -10,6 +10,9 @@ The engine runs in-process on the embedded model with its defaults (int4 layers,
    (`sampler.sample`), and the rest of the step (scheduling, block bookkeeping);
 3. PyTorch's profiler over the model phase: each op's self time, grouped by what it does.
 
+And once per process, the prefill of one long prompt alone (about 1,000 tokens, none from the prefix
+cache): the time to its first token.
+
 The profiler adds its own cost to every op it records (a few microseconds, on thousands of ops), so
 its op times add up to more than the unprofiled step: read them as shares. What the interpreter
 between the ops costs is measured directly where the C++ decode stack exists: the model phase run
@@ -164,8 +167,28 @@ def measure(levels: list[int], steps: int) -> dict:
             file=sys.stderr,
             flush=True,
         )
+    result["prefill_ms"] = prefill_ms(engine, model)
     result["torch_threads"] = torch.get_num_threads()
     return result
+
+
+def prefill_ms(engine, model, runs: int = 5) -> list[float]:
+    """Time to the first token of one long prompt (about 1,000 tokens, a pasted document), alone: each
+    run's prompt starts differently, so nothing comes from the prefix cache."""
+    from tertulia.engine.sampling import SamplingParams
+
+    text = " ".join(
+        f"Paragraph {i}: the river carried the boats past the old mill and the bridge." for i in range(60)
+    )
+    times = []
+    for run in range(runs):
+        prompt = model.template.encode([{"role": "user", "content": f"Run {run}. {text} Summarize."}])
+        params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        started = time.perf_counter()
+        for _ in engine.generate(prompt, params):
+            break
+        times.append(1000 * (time.perf_counter() - started))
+    return times
 
 
 def timed_steps(engine, steps: int) -> list[float]:
@@ -212,6 +235,8 @@ def main() -> None:
                 print(f"round {round_ + 1}: {name}", file=sys.stderr, flush=True)
                 runs[name].append(in_tree(trees[name], args.levels, args.steps))
     summary = {name: median_round(rounds, args.levels) for name, rounds in runs.items()}
+    for name, rounds in runs.items():
+        summary[name]["prefill_ms"] = statistics.median(t for r in rounds for t in r["prefill_ms"])
     record = {
         "machine": describe(),
         "settings": {"levels": args.levels, "steps": args.steps, "rounds": args.rounds, "base": args.base},
@@ -220,8 +245,10 @@ def main() -> None:
     }
     RESULT.write_text(json.dumps(record, indent=2) + "\n")
     for name, by_level in summary.items():
-        for level, row in by_level.items():
+        for level in map(str, args.levels):
+            row = by_level[level]
             print(f"{name}, {level} streams: {row['step_ms_median']:.1f} ms/step, {row['tok_s']:.1f} tok/s")
+        print(f"{name}: first token of a long prompt in {by_level['prefill_ms']:.0f} ms")
     print(f"wrote {RESULT}")
 
 
