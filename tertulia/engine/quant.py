@@ -4,8 +4,8 @@
   bf16 activations. Two kernels, and the weights are packed for one of them: the engine's own
   (csrc/int4_matmul.cpp) where the C++ library is built and the CPU has AVX512-BF16, PyTorch's packed
   int4 kernel elsewhere. Ours unpacks a group of weights once for all the rows of a call, where
-  PyTorch's converts them again for every few rows: a 16-stream decode step and a prefill are much
-  faster, one stream a little (the step profile in BENCHMARKS.md measures both trees).
+  PyTorch's converts them again for every few rows: a 16-stream decode step is much faster, one
+  stream a few per cent slower (BENCHMARKS.md: the step profile and the serving A/B).
   Both compute each row on its own, so a row's numbers do not depend on the others in the call.
   For a Q4_1 GGUF source this reproduces the file's own 4-bit weights: Q4_1 is exactly this format
   (its blocks use the full 0..15 range, so min/max recover the block's scale and minimum), so the
@@ -152,7 +152,9 @@ class Int4Linear(nn.Module):
         out_features = q.shape[0]
         # Both kernels compute (q - 8) * scale + zero, so zero is the group's value at q = 8.
         zero = low + 8 * scale
-        if (own_kernel() and out_features % OWN_BLOCK == 0) if own is None else own:
+        if own is None:
+            own = own_kernel() and group_size == GROUP_SIZE and out_features % OWN_BLOCK == 0
+        if own:
             if not own_kernel() or group_size != GROUP_SIZE or out_features % OWN_BLOCK:
                 raise ValueError(
                     "the engine's int4 kernel is not built here, or it takes groups of "
