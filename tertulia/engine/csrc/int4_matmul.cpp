@@ -71,11 +71,11 @@ BF16_TARGET inline void unpack(const uint8_t* block, __m512i table, __m512i* pai
   }
 }
 
-// R rows against tiles t0..t0+T-1 of the block for one group. Each sum is two chains, the even and
+// R rows against the block's T tiles for one group. Each sum is two chains, the even and
 // the odd pairs, added at the end: half the latency of one chain, for the few-row calls that have
 // little else to overlap.
 template <int R, int T>
-BF16_TARGET inline void rows(const uint16_t* x, int64_t K, int64_t G, int64_t g, int64_t m, int t0,
+BF16_TARGET inline void rows(const uint16_t* x, int64_t K, int64_t G, int64_t g, int64_t m,
                              const __m512i* pairs, const __m512* scale, const __m512* zero,
                              const float* xsum, float* sums, int64_t m0) {
   __m512 even[R][T], odd[R][T];
@@ -93,8 +93,8 @@ BF16_TARGET inline void rows(const uint16_t* x, int64_t K, int64_t G, int64_t g,
       xo[r] = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair[1]));
     }
     for (int t = 0; t < T; ++t) {
-      const __m512bh we = reinterpret_cast<__m512bh>(_mm512_load_si512(pairs + (t0 + t) * 16 + p));
-      const __m512bh wo = reinterpret_cast<__m512bh>(_mm512_load_si512(pairs + (t0 + t) * 16 + p + 1));
+      const __m512bh we = reinterpret_cast<__m512bh>(_mm512_load_si512(pairs + t * 16 + p));
+      const __m512bh wo = reinterpret_cast<__m512bh>(_mm512_load_si512(pairs + t * 16 + p + 1));
       for (int r = 0; r < R; ++r) {
         even[r][t] = _mm512_dpbf16_ps(even[r][t], we, xe[r]);
         odd[r][t] = _mm512_dpbf16_ps(odd[r][t], wo, xo[r]);
@@ -104,10 +104,10 @@ BF16_TARGET inline void rows(const uint16_t* x, int64_t K, int64_t G, int64_t g,
   for (int r = 0; r < R; ++r) {
     const __m512 total = _mm512_set1_ps(xsum[(m + r) * G + g]);
     for (int t = 0; t < T; ++t) {
-      float* out = sums + ((m - m0 + r) * kTilesPerBlock + t0 + t) * kTile;
+      float* out = sums + ((m - m0 + r) * T + t) * kTile;
       __m512 o = _mm512_loadu_ps(out);
-      o = _mm512_fmadd_ps(_mm512_add_ps(even[r][t], odd[r][t]), scale[t0 + t], o);
-      o = _mm512_fmadd_ps(zero[t0 + t], total, o);
+      o = _mm512_fmadd_ps(_mm512_add_ps(even[r][t], odd[r][t]), scale[t], o);
+      o = _mm512_fmadd_ps(zero[t], total, o);
       _mm512_storeu_ps(out, o);
     }
   }
@@ -140,9 +140,9 @@ BF16_TARGET void block(const uint16_t* x, int64_t M, int64_t K, const uint8_t* p
         zero[t] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(factor + 16)));
       }
       int64_t m = m0;
-      for (; m + 4 <= m1; m += 4) rows<4, T>(x, K, G, g, m, 0, pairs, scale, zero, xsum, sums, m0);
-      for (; m + 2 <= m1; m += 2) rows<2, T>(x, K, G, g, m, 0, pairs, scale, zero, xsum, sums, m0);
-      for (; m < m1; ++m) rows<1, T>(x, K, G, g, m, 0, pairs, scale, zero, xsum, sums, m0);
+      for (; m + 4 <= m1; m += 4) rows<4, T>(x, K, G, g, m, pairs, scale, zero, xsum, sums, m0);
+      for (; m + 2 <= m1; m += 2) rows<2, T>(x, K, G, g, m, pairs, scale, zero, xsum, sums, m0);
+      for (; m < m1; ++m) rows<1, T>(x, K, G, g, m, pairs, scale, zero, xsum, sums, m0);
     }
     for (int64_t m = m0; m < m1; ++m) {
       for (int t = 0; t < T; ++t) {
