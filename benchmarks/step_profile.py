@@ -44,6 +44,7 @@ GROUPS = [
     ("int4pack_mm", "int4 matmuls (120 per token)"),
     ("int4_mm", "int4 matmuls (120 per token)"),
     ("int8pack_mm", "int8 LM head"),
+    ("int8_mm", "int8 LM head"),
     ("index_select", "KV cache: gather"),
     ("index_copy", "KV cache: write"),
     ("bmm", "attention: matmuls"),

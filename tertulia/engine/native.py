@@ -5,7 +5,8 @@
   third of a token's time. The C++ stack makes the same ATen calls on the same shapes in the same
   order, so its logits are the Python path's bit for bit (tests/engine/test_decode_stack.py);
 - an int4 matmul for CPUs with AVX512-BF16 (csrc/int4_matmul.cpp), faster than PyTorch's own from a
-  few rows up; quant.py packs weights for it where it runs.
+  few rows up, and an int8 one for the LM head (csrc/int8_matmul.cpp); quant.py packs weights for
+  them where they run.
 
 Built by `python -m tertulia.engine.native` (the Makefile's install step runs it), with torch's own
 extension builder, into a folder keyed by the sources, torch's version and Python's: a new torch or an
@@ -31,13 +32,18 @@ from tertulia import config as settings
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "decode_stack.cpp", CSRC / "int4_matmul.cpp")
+SOURCES = (CSRC / "decode_stack.cpp", CSRC / "int4_matmul.cpp", CSRC / "int8_matmul.cpp")
 NAME = "tertulia_decode_stack"
+# -fopenmp: at::parallel_for is a header template whose threads come from `#pragma omp parallel`;
+# compiled without it, the kernels run on one thread. The library then uses the OpenMP runtime torch
+# has already loaded (same soname), so both share one thread team.
+CFLAGS = ("-O3", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 
 
 def _key() -> str:
     digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
-    digest.update(f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}".encode())
+    digest.update(f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}|{CFLAGS}|{LDFLAGS}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -72,7 +78,8 @@ def build(verbose: bool = False) -> Path:
                 name=NAME,
                 sources=[str(source) for source in SOURCES],
                 build_directory=str(folder),
-                extra_cflags=["-O3"],
+                extra_cflags=list(CFLAGS),
+                extra_ldflags=list(LDFLAGS),
                 is_python_module=False,
                 verbose=verbose,
             )

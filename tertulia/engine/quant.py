@@ -4,8 +4,8 @@
   bf16 activations. Two kernels, and the weights are packed for one of them: the engine's own
   (csrc/int4_matmul.cpp) where the C++ library is built and the CPU has AVX512-BF16, PyTorch's packed
   int4 kernel elsewhere. Ours unpacks a group of weights once for all the rows of a call, where
-  PyTorch's converts them again for every few rows: a 16-stream decode step is much faster, one
-  stream a few per cent slower (BENCHMARKS.md: the step profile and the serving A/B).
+  PyTorch's converts them again for every few rows: a 16-stream decode step is much faster, and one
+  stream no slower (BENCHMARKS.md: the step profile and the serving A/B).
   Both compute each row on its own, so a row's numbers do not depend on the others in the call.
   For a Q4_1 GGUF source this reproduces the file's own 4-bit weights: Q4_1 is exactly this format
   (its blocks use the full 0..15 range, so min/max recover the block's scale and minimum), so the
@@ -14,7 +14,9 @@
 - "none": float32, the reference.
 
 In "int4" the LM head (49k rows, as costly as a third of the layers) gets int8 weights with one scale
-per row (`Int8Linear`); the embedding it may share stays float32 for lookups. Measured against a
+per row (`Int8Linear`), multiplied by the engine's own kernel where the int4 layers are
+(csrc/int8_matmul.cpp: each weight converted once per call, float32 logits out) and by PyTorch's
+elsewhere; the embedding it may share stays float32 for lookups. Measured against a
 float32 head on held-out chats: int8 agrees on the top token 98.4% of the time (mean KL 0.0017); int4
 only 89.7% (KL 0.041), too lossy; float16 is exact (KL 1e-5) and 12% faster for 16 streams, but reads
 56 MB from memory per token, which made one stream 17% slower. The quality cost of each mode is
@@ -55,7 +57,9 @@ log = logging.getLogger(__name__)
 MODES = ("none", "int8", "int4")
 GROUP_SIZE = 32
 # Part of the on-disk cache name of quantized weights: bump when quantization output changes.
-FORMAT_VERSION = 3  # 3: named after torch's version and CPU kernel set, with a logit fingerprint
+# 3: named after torch's version and CPU kernel set, with a logit fingerprint; 4: the LM head packed
+# for the engine's own int8 kernel where the int4 weights are for its own int4 kernel.
+FORMAT_VERSION = 4
 # The fingerprint: the top logits after a fixed sequence of this many tokens. Recomputed on load, they
 # may move by FINGERPRINT_TOLERANCE standard deviations of the logits: for the default model (std 3.3)
 # another kernel set rounding bf16 differently moves them by 0.25 at most, a foreign layout by ~40.
@@ -87,11 +91,10 @@ KERNEL_CHOICES = ("auto", "pytorch")
 
 @cache
 def own_kernel() -> bool:
-    """Whether int4 weights are packed for the engine's own kernel here (see the module docstring).
+    """Whether weights are packed for the engine's own kernels here (int4 layers, int8 head).
 
-    TERTULIA_INT4_KERNEL=pytorch keeps PyTorch's kernel where ours would run: ours is much faster from
-    a few rows up, but over HTTP a single stream measured a few per cent slower with it (BENCHMARKS.md),
-    so a server that mostly answers one user at a time may prefer PyTorch's.
+    TERTULIA_INT4_KERNEL=pytorch keeps PyTorch's kernels where ours would run: a way back should a
+    machine run them worse than PyTorch's (BENCHMARKS.md has the figures for this machine).
     """
     choice = os.environ.get("TERTULIA_INT4_KERNEL", "auto")
     if choice not in KERNEL_CHOICES:
@@ -190,27 +193,54 @@ class Int4Linear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """Weight-only int8 with a scale per output row; bf16 activations, returns x's dtype."""
+    """Weight-only int8 with a scale per output row (the LM head); bf16 activations, float32 logits
+    from the engine's own kernel, x's dtype from PyTorch's.
+
+    The layout of `weight_int8` says which kernel it is for: 4-D for the engine's own, 2-D for PyTorch's.
+    """
 
     def __init__(self, weight_int8: torch.Tensor, scale: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("weight_int8", weight_int8)
         self.register_buffer("scale", scale)
-        self.out_features = weight_int8.shape[0]
+        self.out_features = scale.shape[0]
 
     @classmethod
-    def quantize(cls, linear: nn.Linear) -> Int8Linear:
+    def quantize(cls, linear: nn.Linear, *, own: bool | None = None) -> Int8Linear:
+        """Pack `linear` for the engine's own kernel (`own`; by default where it runs) or PyTorch's."""
         weight = linear.weight.detach().float()
+        out_features, in_features = weight.shape
         scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-10)
         weight_int8 = (weight / scale.unsqueeze(1)).round().clamp(-127, 127).to(torch.int8)
+        fits = out_features % OWN_BLOCK == 0 and in_features % 4 == 0
+        if own is None:
+            own = own_kernel() and fits
+        if own:
+            if not own_kernel() or not fits:
+                raise ValueError(
+                    "the engine's int8 kernel is not built here, or it takes blocks of "
+                    f"{OWN_BLOCK} outputs and inputs in multiples of 4"
+                )
+            return cls(pack_head(weight_int8), scale)
+        # PyTorch's kernel takes its scales in bf16.
         return cls(weight_int8, scale.to(torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(
-            x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8, self.scale
-        ).to(x.dtype)
+        rows = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if self.weight_int8.dim() == 4:
+            y = torch.ops.tertulia.int8_mm(rows.contiguous(), self.weight_int8, self.scale)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale).to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
+
+
+def pack_head(weight_int8: torch.Tensor) -> torch.Tensor:
+    """int8 [out, in] in the layout of csrc/int8_matmul.cpp: [out / 32, in / 2, 2 tiles, 32 bytes],
+    byte 16j + i of a tile holding output i's weight at input 2p + j."""
+    rows, columns = weight_int8.shape
+    grouped = weight_int8.view(rows // OWN_BLOCK, 2, 16, columns // 2, 2)  # [block, tile, output, pair, j]
+    return grouped.permute(0, 3, 1, 4, 2).reshape(rows // OWN_BLOCK, columns // 2, 2, 32).contiguous()
 
 
 INT4_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")

@@ -185,6 +185,10 @@ class Tokenizer:
         decoder = self._special.decoder
         kinds = _decoder_kinds(json.loads(decoder.__getstate__())) if decoder is not None else set()
         byte_map = _byte_decoder()
+        # str.translate maps a whole token in C; a token with a character outside the alphabet is
+        # not byte-level text and keeps its UTF-8 bytes.
+        alphabet = frozenset(byte_map)
+        to_latin1 = {ord(ch): chr(b) for ch, b in byte_map.items()}
         added = self._special.get_added_tokens_decoder()
         for token, tid in self._special.get_vocab(with_added_tokens=True).items():
             if tid in self.special_ids or not 0 <= tid < vocab_size:
@@ -192,9 +196,9 @@ class Tokenizer:
             if tid in added:
                 table[tid] = token.encode()
             elif "ByteLevel" in kinds:
-                try:
-                    table[tid] = bytes(byte_map[ch] for ch in token)
-                except KeyError:
+                if alphabet.issuperset(token):
+                    table[tid] = token.translate(to_latin1).encode("latin-1")
+                else:
                     table[tid] = token.encode()
             elif (
                 "ByteFallback" in kinds
