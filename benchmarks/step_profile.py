@@ -45,6 +45,7 @@ GROUPS = [
     ("int4_mm", "int4 matmuls (120 per token)"),
     ("int8pack_mm", "int8 LM head"),
     ("int8_mm", "int8 LM head"),
+    ("paged_decode_attention", "attention read in place (decode_attention.cpp)"),
     ("index_select", "KV cache: gather"),
     ("index_copy", "KV cache: write"),
     ("bmm", "attention: matmuls"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tertulia.engine import native
 from tertulia.engine.kv_cache import KVCache, read_positions, write_positions
 
 # Decode attention runs over a sequence's length rounded up to this many positions, masked. Sequences
@@ -140,8 +141,26 @@ class _Bucket:
         return gathered.view(pool.shape[0], self.count, self.span, pool.shape[2])
 
 
+def paged_attention_runs(cache: KVCache) -> bool:
+    """Whether decode attention reads the pool in place here (csrc/decode_attention.cpp): the C++
+    library built, a CPU with AVX2 and FMA, float32 pools on the CPU, head dims in multiples of 8."""
+    keys = cache.keys[0]
+    return (
+        cache.device.type == "cpu"
+        and keys.dtype == torch.float32
+        and keys.shape[2] % 8 == 0
+        and native.available()
+        and bool(torch.ops.tertulia.paged_decode_attention_supported())
+    )
+
+
 class DecodeAttention:
-    """One new token for each of several sequences (block table `tables[i]`, at `positions[i]`)."""
+    """One new token for each of several sequences (block table `tables[i]`, at `positions[i]`).
+
+    Where `paged_attention_runs`, each sequence attends over its own blocks in place (`tables`,
+    `lengths`); elsewhere sequences are gathered into buckets of DECODE_BUCKET positions (`buckets`).
+    Either way a sequence's numbers do not depend on the others in the step.
+    """
 
     def __init__(self, cache: KVCache, tables: list[list[int]], positions: list[int]) -> None:
         self.cache = cache
@@ -150,6 +169,18 @@ class DecodeAttention:
             [table[p // size] * size + p % size for table, p in zip(tables, positions, strict=True)],
             device=cache.device,
         )
+        self.paged = paged_attention_runs(cache)
+        self.buckets: list[_Bucket] = []
+        if self.paged:
+            self.lengths = torch.tensor([p + 1 for p in positions])
+            width = max(p // size + 1 for p in positions)
+            self.tables = torch.tensor(
+                [
+                    table[: p // size + 1] + [0] * (width - p // size - 1)
+                    for table, p in zip(tables, positions, strict=True)
+                ]
+            )
+            return
         by_span: dict[int, list[int]] = {}
         for row, position in enumerate(positions):
             span = -(-(position + 1) // DECODE_BUCKET) * DECODE_BUCKET
@@ -164,6 +195,11 @@ class DecodeAttention:
         keys.index_copy_(1, self.written, k.transpose(0, 1))
         values.index_copy_(1, self.written, v.transpose(0, 1))
         batch, heads, dim = q.shape
+        if self.paged:
+            out = torch.ops.tertulia.paged_decode_attention(
+                q.contiguous(), keys, values, self.tables, self.lengths, self.cache.block_size
+            )
+            return out.view(batch, heads * dim)
         # Grouped-query attention without copying k/v: the query heads that share a kv head become
         # the "query length" axis of that kv head. Batch axes are [kv_heads, sequences], the layout
         # the gathered keys and values come in (only the small queries are transposed).

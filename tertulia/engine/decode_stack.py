@@ -16,6 +16,8 @@ from tertulia.engine.attention import DecodeAttention
 from tertulia.engine.kv_cache import KVCache
 from tertulia.models.llama import LlamaModel
 
+_NONE = torch.empty(0, dtype=torch.long)
+
 
 class NativeDecode:
     def __init__(self, module: LlamaModel, stack: torch.ScriptObject) -> None:
@@ -69,10 +71,14 @@ class NativeDecode:
         """Hidden states after the final norm, as `LlamaModel.forward` gives them, bit for bit."""
         x, rotations = self.module.embed(input_ids, positions)
         buckets = attention.buckets
+        paged = attention.paged
         x = self.stack.forward(
             x,
             rotations,
             attention.written,
+            attention.tables if paged else _NONE,
+            attention.lengths if paged else _NONE,
+            attention.cache.block_size if paged else 0,
             [b.rows for b in buckets],
             [b.where for b in buckets],
             [b.span for b in buckets],

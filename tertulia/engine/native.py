@@ -6,7 +6,9 @@
   order, so its logits are the Python path's bit for bit (tests/engine/test_decode_stack.py);
 - an int4 matmul for CPUs with AVX512-BF16 (csrc/int4_matmul.cpp), faster than PyTorch's own from a
   few rows up, and an int8 one for the LM head (csrc/int8_matmul.cpp); quant.py packs weights for
-  them where they run.
+  them where they run;
+- decode attention read straight from the paged KV pool (csrc/decode_attention.cpp), for CPUs with
+  AVX2 and FMA; attention.py uses it where it runs, in Python and in the decode stack alike.
 
 Built by `python -m tertulia.engine.native` (the Makefile's install step runs it), with torch's own
 extension builder, into a folder keyed by the sources, torch's version and Python's: a new torch or an
@@ -32,7 +34,12 @@ from tertulia import config as settings
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "decode_stack.cpp", CSRC / "int4_matmul.cpp", CSRC / "int8_matmul.cpp")
+SOURCES = (
+    CSRC / "decode_stack.cpp",
+    CSRC / "int4_matmul.cpp",
+    CSRC / "int8_matmul.cpp",
+    CSRC / "decode_attention.cpp",
+)
 NAME = "tertulia_decode_stack"
 # -fopenmp: at::parallel_for is a header template whose threads come from `#pragma omp parallel`;
 # compiled without it, the kernels run on one thread. The library then uses the OpenMP runtime torch

@@ -12,7 +12,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from tertulia.engine import native
+from tertulia.engine import attention, native
+from tertulia.engine.attention import DecodeAttention
 from tertulia.engine.engine import Engine
 from tertulia.engine.model_runner import ModelRunner
 from tertulia.engine.sampling import SamplingParams
@@ -36,10 +37,18 @@ def test_the_library_is_built_and_loads() -> None:
     assert native.available()
 
 
+@pytest.mark.parametrize("paged", [True, False], ids=["in-place", "buckets"])
 @pytest.mark.parametrize("bias", [False, True], ids=["llama", "qwen2-bias"])
-def test_decode_logits_equal_the_python_forward_bit_for_bit(make_tiny_model: MakeModel, bias: bool) -> None:
-    """Sequences in three attention buckets (lengths under 128, 128-256, and one alone): one batch."""
+def test_decode_logits_equal_the_python_forward_bit_for_bit(
+    make_tiny_model: MakeModel, monkeypatch: pytest.MonkeyPatch, bias: bool, paged: bool
+) -> None:
+    """Sequences of lengths under 128, 128-256 and alone in their bucket, in one batch; attention read
+    in place from the pool, and (where that kernel does not run) gathered into buckets."""
     engine = Engine(make_tiny_model(seed=3, attention_bias=bias), quantization="int4", max_batch=4)
+    if not paged:
+        monkeypatch.setattr(attention, "paged_attention_runs", lambda cache: False)
+    elif not attention.paged_attention_runs(engine.cache):
+        pytest.skip("decode attention in place needs AVX2 and FMA")
     assert engine.runner.native is not None
     python = ModelRunner(engine.model.module, engine.cache, native=False)
     greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
@@ -55,6 +64,7 @@ def test_decode_logits_equal_the_python_forward_bit_for_bit(make_tiny_model: Mak
         # Both forwards write this step's keys and values (the same numbers) before attending.
         expected = python.decode(batch)
         got = engine.runner.decode(batch)
+        assert DecodeAttention(engine.cache, batch.tables, batch.positions).paged is paged
         assert torch.equal(got, expected)
         engine.sampler.sample(batch.sequences, got)
 

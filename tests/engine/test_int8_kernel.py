@@ -14,7 +14,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def head(out_features: int, in_features: int, seed: int = 0) -> tuple[quant.Int8Linear, torch.Tensor, nn.Linear]:
+def head(
+    out_features: int, in_features: int, seed: int = 0
+) -> tuple[quant.Int8Linear, torch.Tensor, nn.Linear]:
     """An int8 head for the engine's kernel, the float32 weight its int8 values stand for, and the
     float32 layer it came from."""
     torch.manual_seed(seed)

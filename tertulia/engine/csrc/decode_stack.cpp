@@ -5,7 +5,9 @@
 // layer), so the numbers are bit for bit those of the Python path, which stays the reference.
 //
 // It knows nothing of sequences or sampling: it gets the step's hidden states, rotations, where to
-// write each new key and value, and the attention buckets (rows, gathered pool positions, mask).
+// write each new key and value, and what attention reads: each sequence's block table and length
+// (decode_attention.cpp), or where that kernel does not run, the buckets (rows, gathered pool
+// positions, mask).
 
 #include <ATen/ATen.h>
 #include <torch/custom_class.h>
@@ -18,6 +20,8 @@ using at::indexing::Slice;
 
 namespace tertulia {
 Tensor int4_matmul(const Tensor& x, const Tensor& packed, const Tensor& scales);  // int4_matmul.cpp
+Tensor decode_attention(const Tensor& q, const Tensor& keys, const Tensor& values, const Tensor& tables,
+                        const Tensor& lengths, int64_t block_size);  // decode_attention.cpp
 }
 
 struct DecodeStack : torch::CustomClassHolder {
@@ -55,16 +59,15 @@ struct DecodeStack : torch::CustomClassHolder {
   }
 
   // x: [N, hidden] float32; rotations: [N, 1, head_dim / 2] complex64; written: [N] pool positions;
-  // per bucket: its rows of the batch, its gathered pool positions, its span and its mask.
-  Tensor forward(Tensor x, Tensor rotations, Tensor written, std::vector<Tensor> bucket_rows,
-                 std::vector<Tensor> bucket_where, std::vector<int64_t> bucket_span,
-                 std::vector<Tensor> bucket_bias) {
+  // attention read in place (block_size > 0): each sequence's block table and length; else, per
+  // bucket: its rows of the batch, its gathered pool positions, its span and its mask.
+  Tensor forward(Tensor x, Tensor rotations, Tensor written, Tensor tables, Tensor lengths, int64_t block_size,
+                 std::vector<Tensor> bucket_rows, std::vector<Tensor> bucket_where,
+                 std::vector<int64_t> bucket_span, std::vector<Tensor> bucket_bias) {
     const int64_t n = x.size(0);
     const int64_t hidden = x.size(1);
     const int64_t both = heads + kv_heads;
     const int64_t rotary_width = both * head_dim;
-    const int64_t group = heads / kv_heads;
-    const size_t buckets = bucket_rows.size();
     for (size_t layer = 0; layer < input_norm.size(); ++layer) {
       Tensor h = at::rms_norm(x, {hidden}, input_norm[layer], eps).to(at::kBFloat16);
       Tensor projected = int4_linear(h, qkv[layer], qkv_scales[layer]);
@@ -82,27 +85,41 @@ struct DecodeStack : torch::CustomClassHolder {
       Tensor& value_pool = values[layer];
       key_pool.index_copy_(1, written, k.transpose(0, 1));
       value_pool.index_copy_(1, written, v.transpose(0, 1));
-      Tensor grouped = q.view({n, heads / group, group, head_dim}).transpose(0, 1).contiguous();
-      Tensor out;
-      if (buckets == 1) {
-        out = attend(grouped, read(key_pool, bucket_where[0], bucket_span[0]),
-                     read(value_pool, bucket_where[0], bucket_span[0]), bucket_bias[0]);
-      } else {
-        out = at::empty_like(grouped);
-        for (size_t b = 0; b < buckets; ++b) {
-          Tensor rows = bucket_rows[b];
-          Tensor part = attend(grouped.index({Slice(), rows}), read(key_pool, bucket_where[b], bucket_span[b]),
-                               read(value_pool, bucket_where[b], bucket_span[b]), bucket_bias[b]);
-          out.index_put_({Slice(), rows}, part);
-        }
-      }
-      Tensor attended = out.transpose(0, 1).reshape({n, heads * head_dim});
+      Tensor attended =
+          block_size > 0
+              ? tertulia::decode_attention(q.contiguous(), key_pool, value_pool, tables, lengths, block_size)
+                    .view({n, heads * head_dim})
+              : bucketed(q, key_pool, value_pool, bucket_rows, bucket_where, bucket_span, bucket_bias);
       x = x + int4_linear(attended.to(at::kBFloat16), o[layer], o_scales[layer]);
       h = at::rms_norm(x, {hidden}, post_norm[layer], eps).to(at::kBFloat16);
       std::vector<Tensor> halves = int4_linear(h, gate_up[layer], gate_up_scales[layer]).chunk(2, -1);
       x = x + int4_linear(at::silu(halves[0]) * halves[1], down[layer], down_scales[layer]);
     }
     return x;
+  }
+
+  // attention.DecodeAttention over buckets (where attention cannot read the pool in place):
+  // [n, heads * head_dim].
+  Tensor bucketed(const Tensor& q, const Tensor& key_pool, const Tensor& value_pool,
+                  const std::vector<Tensor>& bucket_rows, const std::vector<Tensor>& bucket_where,
+                  const std::vector<int64_t>& bucket_span, const std::vector<Tensor>& bucket_bias) const {
+    const int64_t n = q.size(0);
+    const int64_t group = heads / kv_heads;
+    Tensor grouped = q.view({n, heads / group, group, head_dim}).transpose(0, 1).contiguous();
+    Tensor out;
+    if (bucket_rows.size() == 1) {
+      out = attend(grouped, read(key_pool, bucket_where[0], bucket_span[0]),
+                   read(value_pool, bucket_where[0], bucket_span[0]), bucket_bias[0]);
+    } else {
+      out = at::empty_like(grouped);
+      for (size_t b = 0; b < bucket_rows.size(); ++b) {
+        Tensor rows = bucket_rows[b];
+        Tensor part = attend(grouped.index({Slice(), rows}), read(key_pool, bucket_where[b], bucket_span[b]),
+                             read(value_pool, bucket_where[b], bucket_span[b]), bucket_bias[b]);
+        out.index_put_({Slice(), rows}, part);
+      }
+    }
+    return out.transpose(0, 1).reshape({n, heads * head_dim});
   }
 
   // attention._Bucket.read: [kv_heads, count, span, head_dim], each sequence's matrix contiguous;
