@@ -50,7 +50,9 @@ LDFLAGS = ("-fopenmp",)
 
 def _key() -> str:
     digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
-    digest.update(f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}|{CFLAGS}|{LDFLAGS}".encode())
+    digest.update(
+        f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}|{CFLAGS}|{LDFLAGS}".encode()
+    )
     return digest.hexdigest()[:16]
 
 
