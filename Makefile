@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 # source changes. make stops if it cannot be built (the suite checks it runs); an installation without
 # it (pip alone, TERTULIA_NATIVE=0) runs the Python path with PyTorch's int4 kernel: slower.
 NATIVE_STAMP := $(VENV)/.built-native
-$(NATIVE_STAMP): $(STAMP) $(wildcard tertulia/engine/csrc/*.cpp) tertulia/engine/native.py
+$(NATIVE_STAMP): $(STAMP) $(wildcard tertulia/engine/csrc/*.cpp tertulia/engine/csrc/*.h) tertulia/engine/native.py
 	$(PY) -m tertulia.engine.native
 	touch $(NATIVE_STAMP)
 

@@ -46,6 +46,7 @@ GROUPS = [
     ("int8pack_mm", "int8 LM head"),
     ("int8_mm", "int8 LM head"),
     ("paged_decode_attention", "attention read in place (decode_attention.cpp)"),
+    ("rotary_split", "rotary and KV write (fused)"),
     ("index_select", "KV cache: gather"),
     ("index_copy", "KV cache: write"),
     ("bmm", "attention: matmuls"),

@@ -14,18 +14,29 @@ import torch
 from tertulia.engine import native, quant
 from tertulia.engine.attention import DecodeAttention
 from tertulia.engine.kv_cache import KVCache
+from tertulia.models.config import ModelConfig
 from tertulia.models.llama import LlamaModel
 
 _NONE = torch.empty(0, dtype=torch.long)
 
 
+def fused_ops_run(config: ModelConfig) -> bool:
+    """Whether the fused decode ops serve this model here: AVX2 and FMA, widths in multiples of 8."""
+    widths = (config.hidden_size, config.head_dim, config.intermediate_size)
+    return all(w % 8 == 0 for w in widths) and bool(torch.ops.tertulia.decode_ops_supported())
+
+
 class NativeDecode:
-    def __init__(self, module: LlamaModel, stack: torch.ScriptObject) -> None:
-        self.module, self.stack = module, stack
+    def __init__(self, module: LlamaModel, stack: torch.ScriptObject, fused: bool) -> None:
+        self.module, self.stack, self.fused = module, stack, fused
 
     @classmethod
-    def of(cls, module: LlamaModel, cache: KVCache) -> NativeDecode | None:
-        """The C++ stack over `module`'s weights and `cache`'s pools, or None where it cannot serve."""
+    def of(cls, module: LlamaModel, cache: KVCache, *, fused: bool | None = None) -> NativeDecode | None:
+        """The C++ stack over `module`'s weights and `cache`'s pools, or None where it cannot serve.
+
+        `fused` (by default wherever they run): the small ops between the matmuls fused
+        (csrc/decode_ops.cpp); else the Python forward's own ATen calls, its logits bit for bit.
+        """
         layers = list(module.layers)
         if cache.device.type != "cpu" or not layers:
             return None
@@ -42,6 +53,8 @@ class NativeDecode:
         def scales(index: int) -> list[torch.Tensor]:
             return [row[index].scales_and_zeros for row in projections]
 
+        if fused is None:
+            fused = fused_ops_run(config)
         stack = torch.classes.tertulia.DecodeStack(
             [layer.input_norm.detach() for layer in layers],
             [layer.post_attention_norm.detach() for layer in layers],
@@ -61,8 +74,9 @@ class NativeDecode:
             config.head_dim,
             projections[0][0].group_size,  # quant packs every layer with one group size
             float(config.rms_norm_eps),
+            fused,
         )
-        return cls(module, stack)
+        return cls(module, stack, fused)
 
     @torch.inference_mode()
     def __call__(

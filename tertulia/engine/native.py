@@ -8,7 +8,9 @@
   few rows up, and an int8 one for the LM head (csrc/int8_matmul.cpp); quant.py packs weights for
   them where they run;
 - decode attention read straight from the paged KV pool (csrc/decode_attention.cpp), for CPUs with
-  AVX2 and FMA; attention.py uses it where it runs, in Python and in the decode stack alike.
+  AVX2 and FMA; attention.py uses it where it runs, in Python and in the decode stack alike;
+- the small operations between a decode layer's matmuls, fused (csrc/decode_ops.cpp, AVX2 and FMA),
+  which the decode stack uses where they run.
 
 Built by `python -m tertulia.engine.native` (the Makefile's install step runs it), with torch's own
 extension builder, into a folder keyed by the sources, torch's version and Python's: a new torch or an
@@ -39,7 +41,9 @@ SOURCES = (
     CSRC / "int4_matmul.cpp",
     CSRC / "int8_matmul.cpp",
     CSRC / "decode_attention.cpp",
+    CSRC / "decode_ops.cpp",
 )
+HEADERS = (CSRC / "avx2_math.h",)
 NAME = "tertulia_decode_stack"
 # -fopenmp: at::parallel_for is a header template whose threads come from `#pragma omp parallel`;
 # compiled without it, the kernels run on one thread. The library then uses the OpenMP runtime torch
@@ -49,7 +53,7 @@ LDFLAGS = ("-fopenmp",)
 
 
 def _key() -> str:
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in (*SOURCES, *HEADERS)))
     digest.update(
         f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}|{CFLAGS}|{LDFLAGS}".encode()
     )

@@ -22,6 +22,11 @@ namespace tertulia {
 Tensor int4_matmul(const Tensor& x, const Tensor& packed, const Tensor& scales);  // int4_matmul.cpp
 Tensor decode_attention(const Tensor& q, const Tensor& keys, const Tensor& values, const Tensor& tables,
                         const Tensor& lengths, int64_t block_size);  // decode_attention.cpp
+// decode_ops.cpp
+Tensor fused_add_rms_norm(Tensor x, const c10::optional<Tensor>& residual, const Tensor& weight, double eps);
+Tensor fused_rotary_split(const Tensor& projected, const c10::optional<Tensor>& bias, const Tensor& rotations,
+                          Tensor keys, Tensor values, const Tensor& written, int64_t heads);
+Tensor fused_silu_mul(const Tensor& gate_up);
 }
 
 struct DecodeStack : torch::CustomClassHolder {
@@ -31,19 +36,20 @@ struct DecodeStack : torch::CustomClassHolder {
       gate_up_scales, down, down_scales, keys, values;
   int64_t heads, kv_heads, head_dim, group_size;
   double eps;
+  bool fused;  // the small ops of a layer fused (decode_ops.cpp), or the Python path's ATen calls
 
   DecodeStack(std::vector<Tensor> input_norm, std::vector<Tensor> post_norm, std::vector<Tensor> qkv,
               std::vector<Tensor> qkv_scales, std::vector<Tensor> qkv_bias, std::vector<Tensor> o,
               std::vector<Tensor> o_scales, std::vector<Tensor> gate_up,
               std::vector<Tensor> gate_up_scales, std::vector<Tensor> down,
               std::vector<Tensor> down_scales, std::vector<Tensor> keys, std::vector<Tensor> values,
-              int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t group_size, double eps)
+              int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t group_size, double eps, bool fused)
       : input_norm(std::move(input_norm)), post_norm(std::move(post_norm)), qkv(std::move(qkv)),
         qkv_scales(std::move(qkv_scales)), qkv_bias(std::move(qkv_bias)), o(std::move(o)),
         o_scales(std::move(o_scales)), gate_up(std::move(gate_up)),
         gate_up_scales(std::move(gate_up_scales)), down(std::move(down)),
         down_scales(std::move(down_scales)), keys(std::move(keys)), values(std::move(values)),
-        heads(heads), kv_heads(kv_heads), head_dim(head_dim), group_size(group_size), eps(eps) {}
+        heads(heads), kv_heads(kv_heads), head_dim(head_dim), group_size(group_size), eps(eps), fused(fused) {}
 
   // quant.Int4Linear.forward: the layout of `packed` says which kernel it was packed for.
   Tensor int4_linear(const Tensor& x, const Tensor& packed, const Tensor& scales) const {
@@ -64,6 +70,9 @@ struct DecodeStack : torch::CustomClassHolder {
   Tensor forward(Tensor x, Tensor rotations, Tensor written, Tensor tables, Tensor lengths, int64_t block_size,
                  std::vector<Tensor> bucket_rows, std::vector<Tensor> bucket_where,
                  std::vector<int64_t> bucket_span, std::vector<Tensor> bucket_bias) {
+    if (fused)
+      return forward_fused(x, rotations, written, tables, lengths, block_size, bucket_rows, bucket_where,
+                           bucket_span, bucket_bias);
     const int64_t n = x.size(0);
     const int64_t hidden = x.size(1);
     const int64_t both = heads + kv_heads;
@@ -95,6 +104,35 @@ struct DecodeStack : torch::CustomClassHolder {
       std::vector<Tensor> halves = int4_linear(h, gate_up[layer], gate_up_scales[layer]).chunk(2, -1);
       x = x + int4_linear(at::silu(halves[0]) * halves[1], down[layer], down_scales[layer]);
     }
+    return x;
+  }
+
+  // The same layers with the small ops fused: x, the residual stream, is updated in place, and each
+  // layer's last matmul output is added to it by the next layer's norm.
+  Tensor forward_fused(const Tensor& embedded, const Tensor& rotations, const Tensor& written, const Tensor& tables,
+                       const Tensor& lengths, int64_t block_size, const std::vector<Tensor>& bucket_rows,
+                       const std::vector<Tensor>& bucket_where, const std::vector<int64_t>& bucket_span,
+                       const std::vector<Tensor>& bucket_bias) {
+    const int64_t n = embedded.size(0);
+    Tensor x = embedded.contiguous().clone();
+    c10::optional<Tensor> pending;
+    for (size_t layer = 0; layer < input_norm.size(); ++layer) {
+      Tensor h = tertulia::fused_add_rms_norm(x, pending, input_norm[layer], eps);
+      c10::optional<Tensor> bias;
+      if (!qkv_bias.empty()) bias = qkv_bias[layer];
+      Tensor q = tertulia::fused_rotary_split(int4_linear(h, qkv[layer], qkv_scales[layer]), bias, rotations,
+                                              keys[layer], values[layer], written, heads);
+      Tensor attended =
+          block_size > 0
+              ? tertulia::decode_attention(q, keys[layer], values[layer], tables, lengths, block_size)
+                    .view({n, heads * head_dim})
+              : bucketed(q, keys[layer], values[layer], bucket_rows, bucket_where, bucket_span, bucket_bias);
+      Tensor out = int4_linear(attended.to(at::kBFloat16), o[layer], o_scales[layer]);
+      h = tertulia::fused_add_rms_norm(x, out, post_norm[layer], eps);
+      Tensor act = tertulia::fused_silu_mul(int4_linear(h, gate_up[layer], gate_up_scales[layer]));
+      pending = int4_linear(act, down[layer], down_scales[layer]);
+    }
+    if (pending.has_value()) x.add_(*pending);
     return x;
   }
 
@@ -136,6 +174,6 @@ TORCH_LIBRARY(tertulia, m) {
                        std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
                        std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
                        std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
-                       std::vector<Tensor>, int64_t, int64_t, int64_t, int64_t, double>())
+                       std::vector<Tensor>, int64_t, int64_t, int64_t, int64_t, double, bool>())
       .def("forward", &DecodeStack::forward);
 }
