@@ -63,7 +63,7 @@ class Engine:
         cache_file = None
         if model.weights_key and quantization == "int4":
             cache_file = quant.cache_file(settings.cache_dir() / "quantized", model.weights_key)
-        self.quantization = quant.apply(model.module, quantization, cache_file)
+        self.quantization = quant.apply(model.module, quantization, cache_file, model.load_deferred)
         context = min(model.context_length, max_context or model.context_length)
         memory = kv_memory if kv_memory is not None else default_kv_memory(model, max_batch, context)
         block_bytes = bytes_per_position(model.config) * BLOCK_SIZE

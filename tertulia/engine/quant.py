@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -438,11 +439,18 @@ def check_mode(mode: str, *, allow_auto: bool = False) -> None:
         raise TertuliaError(f"Unknown quantization '{mode}'; choose one of {', '.join(allowed)}.")
 
 
-def apply(module: nn.Module, mode: str, cache_path: Path | None = None) -> str:
+def apply(
+    module: nn.Module,
+    mode: str,
+    cache_path: Path | None = None,
+    load_weights: Callable[[], None] = lambda: None,
+) -> str:
     """Quantize `module` in place for serving; return the mode applied.
 
     With `cache_path` (see `cache_file`), int4 weights are saved after the first quantization and
     read back on later loads, once their fingerprint shows they compute what they computed when packed.
+    `load_weights` loads float weights the module was loaded without (registry.load's
+    `defer_projections`): called whenever they are needed, which is not when the cache serves.
     """
     check_mode(mode)
     current = getattr(module, "quantization", "none")
@@ -450,6 +458,7 @@ def apply(module: nn.Module, mode: str, cache_path: Path | None = None) -> str:
         # "none" asks for no (further) quantization: report what the weights already are.
         if mode not in ("none", current):
             raise TertuliaError(f"This model was already quantized to {current}; load it again for {mode}.")
+        load_weights()
         return current
     module.quantization = mode
     if mode == "int4":
@@ -459,10 +468,12 @@ def apply(module: nn.Module, mode: str, cache_path: Path | None = None) -> str:
                 return mode
             log.warning("Packing the int4 weights again: %s does not match (%s).", cache_path.name, refused)
             cache_path.unlink(missing_ok=True)
+        load_weights()
         _quantize_int4(module)
         if cache_path is not None:
             _save_int4(module, cache_path)
         return mode
+    load_weights()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from torch.ao.quantization import quantize_dynamic

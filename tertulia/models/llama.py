@@ -143,11 +143,16 @@ class LlamaModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load HF-named, HF-layout weights (as in model.safetensors of a Llama/Qwen2 checkpoint)."""
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor], *, projections: bool = True) -> None:
+        """Load HF-named, HF-layout weights (as in model.safetensors of a Llama/Qwen2 checkpoint).
+
+        `projections=False` leaves the layers' projection weights unloaded (their tensors hold no
+        meaningful values) for `load_projections` to fill later: a server whose quantized weights
+        are cached never needs them, and fusing them costs a tenth of a second at every start.
+        """
         tracked = _AccessTracker(state)
         try:
-            fused = fuse_hf_state_dict(tracked, self.config)
+            fused = fuse_hf_state_dict(tracked, self.config, projections=projections)
         except KeyError as missing:
             raise ModelLoadError(f"The checkpoint lacks the weight {missing}.") from None
         # Weights nobody reads mean config.json describes a different model (e.g. fewer layers than
@@ -157,6 +162,7 @@ class LlamaModel(nn.Module):
             for k in set(state) - tracked.used
             if not k.endswith("rotary_emb.inv_freq")
             and not (k == "lm_head.weight" and self.config.tie_word_embeddings)
+            and (projections or not _is_projection(k))
         )
         if unused:
             raise ModelLoadError(
@@ -164,13 +170,38 @@ class LlamaModel(nn.Module):
                 f"{', ...' if len(unused) > 3 else ''}).",
                 "Check num_hidden_layers and the architecture in config.json.",
             )
-        self.load_state_dict(fused, strict=True, assign=True)
+        missing = self.load_state_dict(fused, strict=projections, assign=True).missing_keys
+        left = [k for k in missing if not k.endswith(PROJECTION_WEIGHTS)]
+        if left:
+            raise ModelLoadError(f"The checkpoint lacks the weight {left[0]}.")
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Built on the meta device, the module has no rotation table yet: it is derived, not loaded.
         device = self.embed_tokens.weight.device
         if self.rotations.device != device:
             self.rotations = rope_frequencies(self.config, self.config.max_position_embeddings).to(device)
+
+    def load_projections(self, state: dict[str, torch.Tensor]) -> None:
+        """The projection weights `load_hf_state_dict(..., projections=False)` left out."""
+        fused = fuse_hf_state_dict(state, self.config)
+        wanted = {k: v for k, v in fused.items() if k.endswith(PROJECTION_WEIGHTS)}
+        self.load_state_dict(wanted, strict=False, assign=True)
+
+
+PROJECTION_WEIGHTS = tuple(f"{name}.weight" for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+_HF_PROJECTIONS = (
+    "q_proj.weight",
+    "k_proj.weight",
+    "v_proj.weight",
+    "o_proj.weight",
+    "gate_proj.weight",
+    "up_proj.weight",
+    "down_proj.weight",
+)
+
+
+def _is_projection(key: str) -> bool:
+    return key.startswith("model.layers.") and key.endswith(_HF_PROJECTIONS)
 
 
 class _AccessTracker(dict):
@@ -201,7 +232,9 @@ def deinterleave_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, head_dim // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest)
 
 
-def fuse_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+def fuse_hf_state_dict(
+    state: dict[str, torch.Tensor], config: ModelConfig, *, projections: bool = True
+) -> dict[str, torch.Tensor]:
     h, kvh = config.num_attention_heads, config.num_key_value_heads
     out: dict[str, torch.Tensor] = {
         "embed_tokens.weight": state["model.embed_tokens.weight"],
@@ -214,13 +247,6 @@ def fuse_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> d
         attn = src + "self_attn."
         out[dst + "input_norm"] = state[src + "input_layernorm.weight"]
         out[dst + "post_attention_norm"] = state[src + "post_attention_layernorm.weight"]
-        out[dst + "qkv_proj.weight"] = torch.cat(
-            [
-                interleave_rotary(state[attn + "q_proj.weight"], h),
-                interleave_rotary(state[attn + "k_proj.weight"], kvh),
-                state[attn + "v_proj.weight"],
-            ]
-        )
         if config.attention_bias:
             out[dst + "qkv_proj.bias"] = torch.cat(
                 [
@@ -229,6 +255,15 @@ def fuse_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> d
                     state[attn + "v_proj.bias"],
                 ]
             )
+        if not projections:
+            continue
+        out[dst + "qkv_proj.weight"] = torch.cat(
+            [
+                interleave_rotary(state[attn + "q_proj.weight"], h),
+                interleave_rotary(state[attn + "k_proj.weight"], kvh),
+                state[attn + "v_proj.weight"],
+            ]
+        )
         out[dst + "o_proj.weight"] = state[attn + "o_proj.weight"]
         mlp = src + "mlp."
         out[dst + "gate_up_proj.weight"] = torch.cat(

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,14 @@ class LoadedModel:
     # Identifies these exact weights (directory + file stamps): derived artefacts such as
     # pre-quantized weights are cached under it. None for models built in memory.
     weights_key: str | None = None
+    # Set by `load(..., defer_projections=True)`: loads the projection weights left out.
+    _deferred: Callable[[], None] | None = None
+
+    def load_deferred(self) -> None:
+        """Load the weights `load` left out, if any (quantization calls it when it needs them)."""
+        if self._deferred is not None:
+            deferred, self._deferred = self._deferred, None
+            deferred()
 
     @property
     def context_length(self) -> int:
@@ -193,14 +202,24 @@ def load_text_side(spec: str | None = None, progress: gguf.Progress | None = Non
     return _text_side(name, directory, hf.read_config(directory))
 
 
-def load(spec: str | None = None, progress: gguf.Progress | None = None) -> LoadedModel:
-    """Load a model for serving (float32 weights; see engine.quant for smaller ones)."""
+def load(
+    spec: str | None = None, progress: gguf.Progress | None = None, *, defer_projections: bool = False
+) -> LoadedModel:
+    """Load a model for serving (float32 weights; see engine.quant for smaller ones).
+
+    `defer_projections`: the layers' projection weights are loaded only when `load_deferred` is
+    called; until then the model must not run. The engine's quantization calls it when it needs
+    them, which it does not when the quantized weights come from its cache.
+    """
     name, path, directory = _directory(spec, progress)
     config = hf.read_config(directory)
     text = _text_side(name, directory, config)
     module = LlamaModel.empty(config)
-    _load_weights(module, directory)
+    _load_weights(module, directory, projections=not defer_projections)
     module.eval()
+    deferred = None
+    if defer_projections:
+        deferred = lambda: _load_weights(module, directory, only_projections=True)  # noqa: E731
     return LoadedModel(
         name,
         path,
@@ -210,6 +229,7 @@ def load(spec: str | None = None, progress: gguf.Progress | None = None) -> Load
         text.template,
         _source_quantization(directory),
         _weights_key(directory),
+        deferred,
     )
 
 
@@ -221,13 +241,18 @@ def _weights_key(directory: Path) -> str:
     return f"{directory.name}-{digest}"
 
 
-def _load_weights(module: LlamaModel, directory: Path) -> None:
+def _load_weights(
+    module: LlamaModel, directory: Path, *, projections: bool = True, only_projections: bool = False
+) -> None:
     """Load the checkpoint; weights whose shapes contradict config.json are a load error, not a crash.
 
     torch reports those (from `load_state_dict`, or from fusing q/k/v) as a RuntimeError.
     """
     try:
-        module.load_hf_state_dict(hf.read_weights(directory))
+        if only_projections:
+            module.load_projections(hf.read_weights(directory))
+        else:
+            module.load_hf_state_dict(hf.read_weights(directory), projections=projections)
     except RuntimeError as exc:
         # load_state_dict's message is a header line and one line per mismatch: keep the first mismatch.
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or ["RuntimeError"]

@@ -20,6 +20,7 @@ from torch import nn
 from tertulia.engine import quant
 from tertulia.engine.engine import Engine
 from tertulia.errors import TertuliaError
+from tertulia.models import registry
 from tertulia.models.registry import LoadedModel
 from tests.answers import PARIS_QUESTIONS, ask_in_terminal_chat, assert_mostly
 from tests.engine.test_engine import generate, greedy, random_prompt, recompute_logits
@@ -336,3 +337,22 @@ def test_a_cache_moved_to_another_cpu_kind_still_answers(
     assert_mostly(answers, "Paris", misses=0)
     assert "Packing" not in result.stderr  # the rewritten cache is used as it is
     assert packed.exists()  # the packer's own cache is still there for its machines
+
+
+def test_projection_weights_are_read_only_when_quantization_needs_them(tmp_path: Path) -> None:
+    """A start with cached int4 weights never reads the float projections; a start without the cache
+    reads them when packing, and both compute what an eagerly loaded model does."""
+    path = quant.cache_file(tmp_path, "embedded")
+    eager = registry.load(None)
+    quant.apply(eager.module, "int4")
+    packing = registry.load(None, defer_projections=True)
+    quant.apply(packing.module, "int4", path, packing.load_deferred)
+    assert path.exists() and same_logits(eager, packing)
+    cached = registry.load(None, defer_projections=True)
+    reads: list[str] = []
+    quant.apply(cached.module, "int4", path, lambda: reads.append("projections"))
+    assert reads == [] and same_logits(eager, cached)
+    float32 = registry.load(None, defer_projections=True)
+    quant.apply(float32.module, "none", None, float32.load_deferred)
+    reference = registry.load(None)
+    assert same_logits(float32, reference)
