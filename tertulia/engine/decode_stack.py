@@ -40,7 +40,7 @@ class NativeDecode:
         layers = list(module.layers)
         if cache.device.type != "cpu" or not layers:
             return None
-        if not quant.rows_independent(module) or not native.available():
+        if not quant.fully_int4(module) or not native.available():
             return None
         projections = [[getattr(layer, name) for name in quant.INT4_TARGETS] for layer in layers]
         config = module.config

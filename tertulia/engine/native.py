@@ -10,7 +10,8 @@
 - decode attention read straight from the paged KV pool (csrc/decode_attention.cpp), for CPUs with
   AVX2 and FMA; attention.py uses it where it runs, in Python and in the decode stack alike;
 - the small operations between a decode layer's matmuls, fused (csrc/decode_ops.cpp, AVX2 and FMA),
-  which the decode stack uses where they run.
+  which the decode stack uses where they run;
+- a float32 matmul for the layers of unquantized models (csrc/float32_matmul.cpp, AVX2 and FMA).
 
 Built by `python -m tertulia.engine.native` (the Makefile's install step runs it), with torch's own
 extension builder, into a folder keyed by the sources, torch's version and Python's: a new torch or an
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 from tertulia import config as settings
+from tertulia.errors import TertuliaError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ SOURCES = (
     CSRC / "int8_matmul.cpp",
     CSRC / "decode_attention.cpp",
     CSRC / "decode_ops.cpp",
+    CSRC / "float32_matmul.cpp",
 )
 HEADERS = (CSRC / "avx2_math.h",)
 NAME = "tertulia_decode_stack"
@@ -100,6 +103,23 @@ def build(verbose: bool = False) -> Path:
         except (OSError, RuntimeError) as exc:  # an unwritable folder, no compiler, no ninja
             last_error = exc
     raise RuntimeError(f"could not build the C++ decode stack: {last_error}")
+
+
+KERNEL_CHOICES = ("auto", "pytorch")
+
+
+@cache
+def own_matmuls() -> bool:
+    """Whether the library's matmuls (int4, int8, float32) may replace PyTorch's where they run.
+
+    TERTULIA_MATMUL_KERNELS=pytorch keeps PyTorch's: a way back should a machine run ours worse
+    (BENCHMARKS.md has the figures for the machine it names).
+    """
+    choice = os.environ.get("TERTULIA_MATMUL_KERNELS", "auto")
+    if choice not in KERNEL_CHOICES:
+        allowed = ", ".join(KERNEL_CHOICES)
+        raise TertuliaError(f"TERTULIA_MATMUL_KERNELS must be one of {allowed}, not '{choice}'.")
+    return choice == "auto" and available()
 
 
 @cache

@@ -48,7 +48,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from tertulia.engine import native
+from tertulia.engine import float32, native
 from tertulia.engine.attention import PrefillAttention
 from tertulia.engine.kv_cache import one_sequence
 from tertulia.errors import TertuliaError
@@ -87,21 +87,11 @@ def four_bit_values(
 OWN_KERNEL = "bf16dot"  # names the engine's own int4 kernel where a kernel set is named
 
 
-KERNEL_CHOICES = ("auto", "pytorch")
-
-
 @cache
 def own_kernel() -> bool:
-    """Whether weights are packed for the engine's own kernels here (int4 layers, int8 head).
-
-    TERTULIA_INT4_KERNEL=pytorch keeps PyTorch's kernels where ours would run: a way back should a
-    machine run them worse than PyTorch's (BENCHMARKS.md has the figures for this machine).
-    """
-    choice = os.environ.get("TERTULIA_INT4_KERNEL", "auto")
-    if choice not in KERNEL_CHOICES:
-        allowed = ", ".join(KERNEL_CHOICES)
-        raise TertuliaError(f"TERTULIA_INT4_KERNEL must be one of {allowed}, not '{choice}'.")
-    return choice == "auto" and native.available() and bool(torch.ops.tertulia.int4_mm_supported())
+    """Whether weights are packed for the engine's own kernels here (int4 layers, int8 head): the
+    library's matmuls chosen (native.own_matmuls) on a CPU with AVX512-BF16."""
+    return native.own_matmuls() and bool(torch.ops.tertulia.int4_mm_supported())
 
 
 def int4_kernels() -> str:
@@ -284,8 +274,14 @@ def _restore(replaced: list[tuple]) -> None:
 
 def rows_independent(module: nn.Module) -> bool:
     """True when every matmul of the model computes each row on its own: all projections int4 and the
-    head int8, whose CPU kernels give a row the same numbers whatever the row count (float32 GEMM
-    takes other paths for a few rows, and rounds differently)."""
+    head int8, or all of them on the engine's float32 kernel. Their kernels give a row the same
+    numbers whatever the row count (PyTorch's float32 GEMM takes other paths for a few rows, and
+    rounds differently)."""
+    return bool(getattr(module, "layers", None)) and (float32.packed(module) or fully_int4(module))
+
+
+def fully_int4(module: nn.Module) -> bool:
+    """Every projection int4 and the head int8: what the C++ decode stack serves."""
     layers = list(getattr(module, "layers", []))
     return (
         bool(layers)
@@ -459,7 +455,10 @@ def apply(
         if mode not in ("none", current):
             raise TertuliaError(f"This model was already quantized to {current}; load it again for {mode}.")
         load_weights()
+        if current == "none":
+            float32.pack(module)
         return current
+    float32.unpack(module)
     module.quantization = mode
     if mode == "int4":
         if cache_path is not None and cache_path.exists():

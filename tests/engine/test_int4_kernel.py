@@ -98,14 +98,14 @@ def test_bad_input_is_refused_with_a_message() -> None:
 
 
 def test_the_environment_can_keep_pytorchs_kernel() -> None:
-    """TERTULIA_INT4_KERNEL=pytorch packs for PyTorch's kernel even here; a wrong value is named."""
+    """TERTULIA_MATMUL_KERNELS=pytorch packs for PyTorch's kernel even here; a wrong value is named."""
     code = "from tertulia.engine import quant; print(quant.int4_kernels())"
     for value, expected in (("pytorch", quant.kernel_set()), ("auto", quant.OWN_KERNEL)):
-        env = {**os.environ, "TERTULIA_INT4_KERNEL": value}
+        env = {**os.environ, "TERTULIA_MATMUL_KERNELS": value}
         out = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
         )
         assert out.stdout.strip() == expected
-    env = {**os.environ, "TERTULIA_INT4_KERNEL": "fast"}
+    env = {**os.environ, "TERTULIA_MATMUL_KERNELS": "fast"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert out.returncode != 0 and "TERTULIA_INT4_KERNEL must be one of auto, pytorch" in out.stderr
+    assert out.returncode != 0 and "TERTULIA_MATMUL_KERNELS must be one of auto, pytorch" in out.stderr

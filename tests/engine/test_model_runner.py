@@ -7,6 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from tertulia.engine import float32
 from tertulia.engine.engine import Engine
 from tertulia.engine.sampling import SamplingParams
 from tertulia.engine.scheduler import PREFILL_CHUNK
@@ -37,7 +38,13 @@ def first_steps(engine: Engine, prompts: list[list[int]]) -> tuple[list[torch.Te
     return seen, [s.output for s in sequences]
 
 
-def test_prompts_prefilled_together_get_the_logits_they_get_alone(make_tiny_model: MakeModel) -> None:
+@pytest.mark.parametrize("mode", ["int4", "none"])
+def test_prompts_prefilled_together_get_the_logits_they_get_alone(
+    make_tiny_model: MakeModel, mode: str
+) -> None:
+    """int4 layers with an int8 head, and float32 layers on the engine's float32 kernel."""
+    if mode == "none" and not float32.kernel_runs():
+        pytest.skip("the engine's float32 kernel needs its C++ library and AVX2 and FMA")
     shared = prompt(40, 0)
     prompts = [
         prompt(3, 1),
@@ -48,9 +55,7 @@ def test_prompts_prefilled_together_get_the_logits_they_get_alone(make_tiny_mode
     ]
     runs = {}
     for together in (True, False):
-        engine = Engine(
-            make_tiny_model(seed=4, max_position_embeddings=1024), quantization="int4", max_batch=8
-        )
+        engine = Engine(make_tiny_model(seed=4, max_position_embeddings=1024), quantization=mode, max_batch=8)
         assert engine.runner.rows_independent
         engine.runner.rows_independent = together
         forwards: list[int] = []
@@ -76,6 +81,9 @@ def test_prompts_prefilled_together_get_the_logits_they_get_alone(make_tiny_mode
 
 
 @pytest.mark.parametrize("mode", ["none", "int8"])
-def test_float_matmuls_prefill_one_chunk_at_a_time(make_tiny_model: MakeModel, mode: str) -> None:
+def test_pytorchs_float_matmuls_prefill_one_chunk_at_a_time(
+    make_tiny_model: MakeModel, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    monkeypatch.setattr(float32, "kernel_runs", lambda: False)
     engine = Engine(make_tiny_model(seed=1), quantization=mode, max_batch=2)
     assert not engine.runner.rows_independent

@@ -352,7 +352,8 @@ def test_projection_weights_are_read_only_when_quantization_needs_them(tmp_path:
     reads: list[str] = []
     quant.apply(cached.module, "int4", path, lambda: reads.append("projections"))
     assert reads == [] and same_logits(eager, cached)
-    float32 = registry.load(None, defer_projections=True)
-    quant.apply(float32.module, "none", None, float32.load_deferred)
+    unquantized = registry.load(None, defer_projections=True)
+    quant.apply(unquantized.module, "none", None, unquantized.load_deferred)
     reference = registry.load(None)
-    assert same_logits(float32, reference)
+    quant.apply(reference.module, "none")
+    assert same_logits(unquantized, reference)
