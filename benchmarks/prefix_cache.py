@@ -4,18 +4,28 @@
 
 Several users ask different questions under the same long system prompt (a persona, instructions,
 documents). With the prefix cache, the system prompt's blocks are computed once and reused; without
-it, every request prefills it again. Prints median time to first token for both, and the ratio.
+it, every request prefills it again. Prints median time to first token for both, and the ratio, and
+writes them with every run to benchmarks/results/prefix_cache.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 from tertulia.engine.engine import Engine
 from tertulia.engine.sampling import SamplingParams
 from tertulia.models import registry
+
+try:
+    from benchmarks.machine import describe
+except ImportError:  # run as a script from the benchmarks folder
+    from machine import describe  # type: ignore[no-redef]
+
+RESULT = Path(__file__).parent / "results" / "prefix_cache.json"
 
 SYSTEM = (
     "You are Tertulia, a patient assistant for a public library in Madrid. "
@@ -63,7 +73,23 @@ def main() -> None:
     print(f"prompt: {len(prompts[1])} tokens, of which the shared system prompt is most")
     for name, value in medians.items():
         print(f"{name:>16}: time to first token {value * 1000:.0f} ms (median of {len(times[name])})")
-    print(f"ratio: {medians['no prefix cache'] / medians['prefix cache']:.1f}x faster with the cache")
+    ratio = medians["no prefix cache"] / medians["prefix cache"]
+    print(f"ratio: {ratio:.1f}x faster with the cache")
+    RESULT.parent.mkdir(exist_ok=True)
+    RESULT.write_text(
+        json.dumps(
+            {
+                "machine": describe(),
+                "settings": {"runs": args.runs, "questions": len(QUESTIONS) - 1, "quantization": "int4"},
+                "prompt_tokens": len(prompts[1]),
+                "seconds": times,
+                "median_seconds": medians,
+                "ratio": ratio,
+            },
+            indent=1,
+        )
+    )
+    print(f"wrote {RESULT}")
 
 
 if __name__ == "__main__":

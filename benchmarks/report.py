@@ -365,7 +365,30 @@ def targets(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def prefix_cache(result: dict) -> str:
+    medians, settings = result["median_seconds"], result["settings"]
+    return "\n".join(
+        [
+            "## Prefix cache: a long shared system prompt",
+            "",
+            f"Command: `python benchmarks/prefix_cache.py --runs {settings['runs']}`. {machine_line(result)}",
+            "",
+            f"The embedded model ({settings['quantization']}) in-process; {settings['questions']} "
+            f"questions under one system prompt, {result['prompt_tokens']} tokens in all, most of them the "
+            "shared prompt. Time to the first token, median of every question of every run, the cache "
+            "warmed by one earlier question:",
+            "",
+            "| engine | first token |",
+            "|---|---|",
+            *[f"| {name} | {seconds * 1000:.0f} ms |" for name, seconds in medians.items()],
+            "",
+            f"With the cache the first token comes **{result['ratio']:.1f}×** sooner.",
+        ]
+    )
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
+    "prefix_cache": prefix_cache,
     "json_mode": json_mode,
     "int4_cache": int4_cache,
     "ab": ab,
