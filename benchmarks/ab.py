@@ -52,8 +52,12 @@ def build_native(tree: Path) -> None:
     ours = ROOT / "tertulia" / "engine" / "csrc" / "build"
     if ours.is_dir():
         shutil.copytree(ours, tree / "tertulia" / "engine" / "csrc" / "build", dirs_exist_ok=True)
+    # Run from the tree: `python -m` puts the working directory first on sys.path, so run from
+    # anywhere else it would build (and below, serve) whatever package that directory holds.
     env = dict(os.environ, PYTHONPATH=str(tree))
-    subprocess.run([sys.executable, "-m", "tertulia.engine.native"], env=env, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "tertulia.engine.native"], env=env, cwd=tree, check=True, capture_output=True
+    )
 
 
 def serve(tree: Path) -> tuple[str, subprocess.Popen]:
@@ -61,7 +65,7 @@ def serve(tree: Path) -> tuple[str, subprocess.Popen]:
     env = dict(os.environ, PYTHONPATH=str(tree))
     command = [sys.executable, "-m", "tertulia", "serve", "--port", str(port), "--max-batch", "16"]
     url = f"http://127.0.0.1:{port}"
-    return url, start(command, f"{url}/health", env)
+    return url, start(command, f"{url}/health", env, cwd=tree)
 
 
 def main() -> None:

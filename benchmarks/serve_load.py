@@ -68,8 +68,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(command: list[str], url: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+def start(
+    command: list[str], url: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen:
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=cwd
+    )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
