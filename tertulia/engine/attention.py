@@ -36,13 +36,52 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
+def paged_attention_runs(cache: KVCache) -> bool:
+    """Whether decode attention reads the pool in place here (csrc/decode_attention.cpp): the C++
+    library built, a CPU with AVX2 and FMA, float32 pools on the CPU, head dims in multiples of 8."""
+    keys = cache.keys[0]
+    return (
+        cache.device.type == "cpu"
+        and keys.dtype == torch.float32
+        and keys.shape[2] % 8 == 0
+        and native.available()
+        and bool(torch.ops.tertulia.paged_decode_attention_supported())
+    )
+
+
+class _InPlace:
+    """Rows of attention read in place by the kernel: row i is at position lengths[i] - 1 of the
+    sequence whose block table is tables[i] (one table per row: rows of several sequences mix)."""
+
+    def __init__(self, cache: KVCache, tables: list[list[int]], lengths: list[int]) -> None:
+        width = max(-(-n // cache.block_size) for n in lengths)
+        self.cache = cache
+        self.tables = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables])
+        self.lengths = torch.tensor(lengths)
+
+    def __call__(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        batch, heads, dim = q.shape
+        out = torch.ops.tertulia.paged_decode_attention(
+            q.contiguous(),
+            self.cache.keys[layer],
+            self.cache.values[layer],
+            self.tables,
+            self.lengths,
+            self.cache.block_size,
+        )
+        return out.view(batch, heads * dim)
+
+
 class PrefillAttention:
     """`length` new tokens of one sequence (block table `table`), at positions start..start+length-1.
 
-    Each new token attends to positions 0..its own over the keys 0..start+length-1, as two matmuls
-    (attend) rather than SDPA: a row's numbers then depend only on where the chunk ends, not on
-    where it starts. Chunks end at fixed places (scheduler.PREFILL_CHUNK), so a prompt prefilled after
-    a prefix-cache hit gets exactly the numbers of a cold run, and a seeded request replays exactly.
+    Each new token attends to positions 0..its own. Where `paged_attention_runs`, each row is read in
+    place by the decode kernel as if it were a sequence ending at its position: its numbers depend on
+    nothing but its position and the cache. Elsewhere, as two matmuls (attend) over the keys
+    0..start+length-1 rather than SDPA: a row's numbers then depend only on where the chunk ends, not
+    on where it starts. Chunks end at fixed places (scheduler.PREFILL_CHUNK), so either way a prompt
+    prefilled after a prefix-cache hit gets exactly the numbers of a cold run, and a seeded request
+    replays exactly.
     """
 
     ROWS_PER_CALL = 128  # bounds the scores tensor: heads x 128 x context floats
@@ -51,8 +90,12 @@ class PrefillAttention:
     MIN_ROWS = 4
 
     def __init__(self, cache: KVCache, table: list[int], start: int, length: int) -> None:
-        self.cache, self.start, self.end = cache, start, start + length
+        self.cache, self.start, self.end, self.table = cache, start, start + length, table
         self.written = cache.locate(table, start, self.end)
+        self.in_place: _InPlace | None = None
+        if paged_attention_runs(cache):
+            self.in_place = _InPlace(cache, [table] * length, list(range(start + 1, self.end + 1)))
+            return
         self.read = cache.locate(table, 0, self.end)
         device = cache.device
         rows = torch.arange(start, self.end, device=device).unsqueeze(1)
@@ -63,6 +106,8 @@ class PrefillAttention:
         keys, values = self.cache.keys[layer], self.cache.values[layer]
         write_positions(keys, self.written, k)
         write_positions(values, self.written, v)
+        if self.in_place is not None:
+            return self.in_place(layer, q)
         length, heads, dim = q.shape
         kv_heads = keys.shape[0]
         # [kv_heads, group, length, dim] queries against [kv_heads, 1, end, dim] keys and values.
@@ -94,8 +139,23 @@ class PrefillBatchAttention:
         self.bounds = [0]
         for part in parts:
             self.bounds.append(self.bounds[-1] + part.end - part.start)
+        # Read in place: every chunk's keys and values written first (one copy per layer), then all
+        # rows attended in one call, each on its own (the same numbers as chunk by chunk).
+        self.in_place: _InPlace | None = None
+        if len(parts) > 1 and all(part.in_place is not None for part in parts):
+            self.written = torch.cat([_positions(part.written) for part in parts])
+            self.in_place = _InPlace(
+                parts[0].cache,
+                [part.table for part in parts for _ in range(part.start, part.end)],
+                [n + 1 for part in parts for n in range(part.start, part.end)],
+            )
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.in_place is not None:
+            cache = self.parts[0].cache
+            cache.keys[layer].index_copy_(1, self.written, k.transpose(0, 1))
+            cache.values[layer].index_copy_(1, self.written, v.transpose(0, 1))
+            return self.in_place(layer, q)
         if len(self.parts) == 1:
             return self.parts[0](layer, q, k, v)
         return torch.cat(
@@ -104,6 +164,10 @@ class PrefillBatchAttention:
                 for part, first, last in zip(self.parts, self.bounds, self.bounds[1:], strict=False)
             ]
         )
+
+
+def _positions(where: slice | torch.Tensor) -> torch.Tensor:
+    return torch.arange(where.start, where.stop) if isinstance(where, slice) else where
 
 
 class _Bucket:
@@ -141,19 +205,6 @@ class _Bucket:
         return gathered.view(pool.shape[0], self.count, self.span, pool.shape[2])
 
 
-def paged_attention_runs(cache: KVCache) -> bool:
-    """Whether decode attention reads the pool in place here (csrc/decode_attention.cpp): the C++
-    library built, a CPU with AVX2 and FMA, float32 pools on the CPU, head dims in multiples of 8."""
-    keys = cache.keys[0]
-    return (
-        cache.device.type == "cpu"
-        and keys.dtype == torch.float32
-        and keys.shape[2] % 8 == 0
-        and native.available()
-        and bool(torch.ops.tertulia.paged_decode_attention_supported())
-    )
-
-
 class DecodeAttention:
     """One new token for each of several sequences (block table `tables[i]`, at `positions[i]`).
 
@@ -172,14 +223,8 @@ class DecodeAttention:
         self.paged = paged_attention_runs(cache)
         self.buckets: list[_Bucket] = []
         if self.paged:
-            self.lengths = torch.tensor([p + 1 for p in positions])
-            width = max(p // size + 1 for p in positions)
-            self.tables = torch.tensor(
-                [
-                    table[: p // size + 1] + [0] * (width - p // size - 1)
-                    for table, p in zip(tables, positions, strict=True)
-                ]
-            )
+            self.in_place = _InPlace(cache, tables, [p + 1 for p in positions])
+            self.tables, self.lengths = self.in_place.tables, self.in_place.lengths
             return
         by_span: dict[int, list[int]] = {}
         for row, position in enumerate(positions):
@@ -196,10 +241,7 @@ class DecodeAttention:
         values.index_copy_(1, self.written, v.transpose(0, 1))
         batch, heads, dim = q.shape
         if self.paged:
-            out = torch.ops.tertulia.paged_decode_attention(
-                q.contiguous(), keys, values, self.tables, self.lengths, self.cache.block_size
-            )
-            return out.view(batch, heads * dim)
+            return self.in_place(layer, q)
         # Grouped-query attention without copying k/v: the query heads that share a kv head become
         # the "query length" axis of that kv head. Batch axes are [kv_heads, sequences], the layout
         # the gathered keys and values come in (only the small queries are transposed).

@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from tertulia.engine import native
+from tertulia.engine.attention import DecodeAttention, PrefillAttention
+from tertulia.engine.kv_cache import KVCache
+from tests.conftest import tiny_config
 
 BLOCK = 16
 KV_HEADS, HEADS, DIM = 3, 9, 64
@@ -101,3 +104,20 @@ def test_bad_input_is_refused_with_a_message() -> None:
         call(q, keys, values, [[POOL_BLOCKS]], [1])
     with pytest.raises(RuntimeError, match="kv heads"):
         call(torch.randn(1, 8, DIM), keys, values, [[0]], [1])
+
+
+def test_a_prefill_row_gets_what_a_decode_step_at_its_position_gets() -> None:
+    """Read in place, a row's attention depends on nothing but its position and the cache: not on the
+    chunk it came in, nor on where that chunk starts (prefix-cache hits rest on it)."""
+    config = tiny_config(num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, hidden_size=HEADS * DIM)
+    cache = KVCache(config, num_blocks=8)
+    table, length = [5, 2, 7], 40
+    generator = torch.Generator().manual_seed(4)
+    q = torch.randn(length, HEADS, DIM, generator=generator)
+    k, v = torch.randn(2, length, KV_HEADS, DIM, generator=generator)
+    whole = PrefillAttention(cache, table, 0, length)(0, q, k, v)
+    later = PrefillAttention(cache, table, 21, length - 21)(0, q[21:], k[21:], v[21:])
+    assert torch.equal(later, whole[21:])
+    for j in (0, 15, 16, 39):
+        step = DecodeAttention(cache, [table], [j])(0, q[j : j + 1], k[j : j + 1], v[j : j + 1])
+        assert torch.equal(step[0], whole[j])
