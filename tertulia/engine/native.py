@@ -1,9 +1,10 @@
 """The engine's C++ library: built once per installation, loaded when present. It holds
 
-- the decode stack (csrc/decode_stack.cpp). A decode step makes about 40 op calls per layer; from
-  Python each costs a few microseconds of interpreter and argument parsing, which at one stream was a
-  third of a token's time. The C++ stack makes the same ATen calls on the same shapes in the same
-  order, so its logits are the Python path's bit for bit (tests/engine/test_decode_stack.py);
+- the decode stack (csrc/decode_stack.cpp). A decode step made about 40 op calls per layer; from
+  Python each cost a few microseconds of interpreter and argument parsing, which at one stream was a
+  third of a token's time. The C++ stack runs a step's layers in one call: by default with the small
+  ops fused (csrc/decode_ops.cpp), else with the Python path's own ATen calls, bit for bit
+  (tests/engine/test_decode_stack.py);
 - an int4 matmul for CPUs with AVX512-BF16 (csrc/int4_matmul.cpp), faster than PyTorch's own from a
   few rows up, and an int8 one for the LM head (csrc/int8_matmul.cpp); quant.py packs weights for
   them where they run;
@@ -16,8 +17,8 @@
 Built by `python -m tertulia.engine.native` (the Makefile's install step runs it), with torch's own
 extension builder, into a folder keyed by the sources, torch's version and Python's: a new torch or an
 edited source builds anew, never loads a stale library. At run time nothing is compiled: without a
-built library, or with TERTULIA_NATIVE=0, the engine runs the Python path with PyTorch's int4 kernel
-and says so once in the log. This module does not know what a sequence or a bucket is; decode_stack.py does.
+built library, or with TERTULIA_NATIVE=0, the engine runs the Python path with PyTorch's kernels and
+says so once in the log. This module does not know what a sequence or a bucket is; decode_stack.py does.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-// The decoder layers of one batched decode step, in C++: the same ATen calls, in the same order and
-// on the same shapes, as models/llama.py's DecoderLayer with attention.py's DecodeAttention and
-// quant.py's Int4Linear (with whichever int4 kernel its weights were packed for: PyTorch's, or
-// int4_matmul.cpp's). Only the Python between the ops is gone (about 40 interpreted op calls per
-// layer), so the numbers are bit for bit those of the Python path, which stays the reference.
+// The decoder layers of one batched decode step, in C++, two ways. Fused (the default where
+// decode_ops.cpp runs): nine calls per layer, the small ops between the matmuls fused; the same
+// function as the Python path with other roundings. Unfused: the same ATen calls, in the same order
+// and on the same shapes, as models/llama.py's DecoderLayer with attention.py's DecodeAttention and
+// quant.py's Int4Linear (with whichever int4 kernel its weights were packed for), so the numbers are
+// bit for bit those of the Python path, which stays the reference.
 //
 // It knows nothing of sequences or sampling: it gets the step's hidden states, rotations, where to
 // write each new key and value, and what attention reads: each sequence's block table and length
