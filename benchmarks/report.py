@@ -230,10 +230,11 @@ def profile(result: dict) -> str:
         "The engine in-process, int4, that many greedy streams decoding at once. Step time and tok/s are "
         "medians of unprofiled steps; the phases are their means; the op groups are PyTorch profiler "
         "self times inside the model's forward and LM head. The profiler adds a few microseconds to each "
-        "op it records, so op times add up to more than the step: read them as shares. The interpreter's "
-        "cost is measured directly where the C++ decode stack exists: the same ops run from Python and "
-        "from C++ in alternating halves of the run. Of the rounds, the one with the median step time is "
-        "shown; – where a tree cannot measure it.",
+        "op it records, so op times add up to more than the step: read them as shares. Where the C++ decode "
+        "stack exists, the same steps also run through the Python forward in alternating halves of the "
+        "run; the difference is the interpreter between the ops, and where the stack fuses the small "
+        "ops (this tree), what the fusion saves too. Of the rounds, the one with the median step time "
+        "is shown; – where a tree cannot measure it.",
     ]
     for level in map(str, settings["levels"]):
         rows = {tree: summary[tree][level] for tree in trees}
@@ -251,7 +252,7 @@ def profile(result: dict) -> str:
                 for group in groups
             ],
             (
-                "Python between the ops (measured: same ops from Python, then from C++)",
+                "the Python forward's extra time over the C++ stack (measured)",
                 [optional(r.get("python_between_ops_ms"), "{:.2f}") for r in rows.values()],
             ),
             ("sampling", [f"{r['phases_ms']['sampling']:.2f}" for r in rows.values()]),

@@ -1,5 +1,7 @@
-// Decode attention straight from the paged KV pool: one new query per sequence, on CPUs with AVX2 and
-// FMA, float32 throughout.
+// Attention straight from the paged KV pool, on CPUs with AVX2 and FMA, float32 throughout. Each
+// query row comes with its sequence's block table and its length (its position + 1): a decode step
+// sends one row per sequence, a prefill step one row per prompt token (attention.py), so a row's
+// numbers are the same whichever kind of step computed it.
 //
 // The matmul path (attention.py's buckets) first gathers each sequence's keys and values from their
 // blocks into one matrix, pads it to a multiple of 128 positions and masks the padding: at sixteen
@@ -7,11 +9,12 @@
 // crossed memory three times. Here each (sequence, query head) reads its keys and values where they
 // lie, once, and nothing is padded.
 //
-// A sequence's numbers depend on nothing but its own query and cache: each (sequence, head) is one
-// task with a fixed sequence of operations (every dot product in the same order, the softmax's sum
-// eight lanes wide then reduced in one fixed order, the weighted values summed position by position),
-// whatever the batch, the thread count or which thread runs it. The engine's batch invariance and
-// the C++ decode stack's agreement with the Python path rest on it.
+// A row's numbers depend on nothing but its own query and cache: each (row, head) is one task with a
+// fixed sequence of operations (every dot product in the same order, the softmax's sum eight lanes
+// wide then reduced in one fixed order, the weighted values summed position by position), whatever
+// the batch, the thread count or which thread runs it. The engine's batch invariance, prefix-cache
+// hits giving a cold run's logits, and the unfused C++ stack's agreement with the Python path rest
+// on it.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
