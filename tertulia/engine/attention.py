@@ -50,13 +50,17 @@ def paged_attention_runs(cache: KVCache) -> bool:
 
 
 class _InPlace:
-    """Rows of attention read in place by the kernel: row i is at position lengths[i] - 1 of the
-    sequence whose block table is tables[i] (one table per row: rows of several sequences mix)."""
+    """Rows of attention read in place by the kernel: row i is at position lengths[i] - 1 of its
+    sequence. `tables` holds each sequence's block table once and `rows` how many rows in a row
+    follow it (a prefill chunk's rows share one table), so the per-row tables are built by torch."""
 
-    def __init__(self, cache: KVCache, tables: list[list[int]], lengths: list[int]) -> None:
+    def __init__(self, cache: KVCache, tables: list[list[int]], rows: list[int], lengths: list[int]) -> None:
         width = max(-(-n // cache.block_size) for n in lengths)
         self.cache = cache
-        self.tables = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables])
+        distinct = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables])
+        self.tables = (
+            distinct.repeat_interleave(torch.tensor(rows), dim=0) if len(rows) < len(lengths) else distinct
+        )
         self.lengths = torch.tensor(lengths)
 
     def __call__(self, layer: int, q: torch.Tensor) -> torch.Tensor:
@@ -94,7 +98,7 @@ class PrefillAttention:
         self.written = cache.locate(table, start, self.end)
         self.in_place: _InPlace | None = None
         if paged_attention_runs(cache):
-            self.in_place = _InPlace(cache, [table] * length, list(range(start + 1, self.end + 1)))
+            self.in_place = _InPlace(cache, [table], [length], list(range(start + 1, self.end + 1)))
             return
         self.read = cache.locate(table, 0, self.end)
         device = cache.device
@@ -146,7 +150,8 @@ class PrefillBatchAttention:
             self.written = torch.cat([_positions(part.written) for part in parts])
             self.in_place = _InPlace(
                 parts[0].cache,
-                [part.table for part in parts for _ in range(part.start, part.end)],
+                [part.table for part in parts],
+                [part.end - part.start for part in parts],
                 [n + 1 for part in parts for n in range(part.start, part.end)],
             )
 
@@ -223,7 +228,7 @@ class DecodeAttention:
         self.paged = paged_attention_runs(cache)
         self.buckets: list[_Bucket] = []
         if self.paged:
-            self.in_place = _InPlace(cache, tables, [p + 1 for p in positions])
+            self.in_place = _InPlace(cache, tables, [1] * len(tables), [p + 1 for p in positions])
             self.tables, self.lengths = self.in_place.tables, self.in_place.lengths
             return
         by_span: dict[int, list[int]] = {}
