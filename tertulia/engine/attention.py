@@ -11,6 +11,8 @@ tables and positions.
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 
@@ -40,13 +42,13 @@ def paged_attention_runs(cache: KVCache) -> bool:
     """Whether decode attention reads the pool in place here (csrc/decode_attention.cpp): the C++
     library built, a CPU with AVX2 and FMA, float32 pools on the CPU, head dims in multiples of 8."""
     keys = cache.keys[0]
-    return (
-        cache.device.type == "cpu"
-        and keys.dtype == torch.float32
-        and keys.shape[2] % 8 == 0
-        and native.available()
-        and bool(torch.ops.tertulia.paged_decode_attention_supported())
-    )
+    return cache.device.type == "cpu" and keys.dtype == torch.float32 and keys.shape[2] % 8 == 0 and _kernel()
+
+
+@cache
+def _kernel() -> bool:
+    """Asked once per process: every decode step and prefill chunk asks whether the kernel runs."""
+    return native.available() and bool(torch.ops.tertulia.paged_decode_attention_supported())
 
 
 class _InPlace:

@@ -47,7 +47,7 @@ SOURCES = (
     CSRC / "decode_ops.cpp",
     CSRC / "float32_matmul.cpp",
 )
-HEADERS = (CSRC / "avx2_math.h",)
+HEADERS = (CSRC / "avx2_math.h", CSRC / "block_runs.h")
 NAME = "tertulia_decode_stack"
 # -fopenmp: at::parallel_for is a header template whose threads come from `#pragma omp parallel`;
 # compiled without it, the kernels run on one thread. The library then uses the OpenMP runtime torch

@@ -10,6 +10,7 @@ from tertulia.engine import native
 from tertulia.engine.attention import DecodeAttention, PrefillAttention
 from tertulia.engine.kv_cache import KVCache
 from tests.conftest import tiny_config
+from tests.engine.threads import one_and_many_threads
 
 BLOCK = 16
 KV_HEADS, HEADS, DIM = 3, 9, 64
@@ -72,14 +73,7 @@ def test_a_sequences_result_does_not_depend_on_the_batch() -> None:
 def test_the_thread_count_does_not_change_the_result() -> None:
     keys, values = pools(2)
     q = torch.randn(len(TABLES), HEADS, DIM)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        alone = call(q, keys, values, TABLES, LENGTHS)
-        torch.set_num_threads(max(2, threads))
-        shared = call(q, keys, values, TABLES, LENGTHS)
-    finally:
-        torch.set_num_threads(threads)
+    alone, shared = one_and_many_threads(lambda: call(q, keys, values, TABLES, LENGTHS))
     assert torch.equal(alone, shared)
 
 

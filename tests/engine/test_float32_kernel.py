@@ -14,6 +14,7 @@ from tertulia.engine import float32, quant
 from tertulia.engine.engine import Engine
 from tertulia.models.registry import LoadedModel
 from tests.engine.test_engine import random_prompt, recompute_logits
+from tests.engine.threads import one_and_many_threads
 
 MakeModel = Callable[..., LoadedModel]
 
@@ -55,14 +56,7 @@ def test_a_rows_result_does_not_depend_on_the_other_rows() -> None:
 def test_the_thread_count_does_not_change_the_result() -> None:
     packed = float32.Float32Linear.pack(layer(576, 576, seed=3))
     x = torch.randn(9, 576)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        alone = packed(x)
-        torch.set_num_threads(max(2, threads))
-        shared = packed(x)
-    finally:
-        torch.set_num_threads(threads)
+    alone, shared = one_and_many_threads(lambda: packed(x))
     assert torch.equal(alone, shared)
 
 

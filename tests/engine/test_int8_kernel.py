@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from tertulia.engine import quant
+from tests.engine.threads import one_and_many_threads
 
 pytestmark = pytest.mark.skipif(
     not quant.own_kernel(), reason="the engine's int8 kernel needs its C++ library and AVX512-BF16"
@@ -63,14 +64,7 @@ def test_a_rows_logits_do_not_depend_on_the_other_rows() -> None:
 def test_the_thread_count_does_not_change_the_result() -> None:
     int8, _, _ = head(2048, 576, seed=3)
     x = torch.randn(9, 576)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        alone = int8(x)
-        torch.set_num_threads(max(2, threads))
-        shared = int8(x)
-    finally:
-        torch.set_num_threads(threads)
+    alone, shared = one_and_many_threads(lambda: int8(x))
     assert torch.equal(alone, shared)
 
 

@@ -15,10 +15,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 
 #include "avx2_math.h"
+#include "block_runs.h"
 
 namespace {
 
@@ -82,17 +82,8 @@ at::Tensor float32_mm(const at::Tensor& x, const at::Tensor& packed, const c10::
   const float* xp = x.data_ptr<float>();
   const float* wp = packed.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // As in int4_matmul.cpp: threads take runs of blocks as they free up; which thread computes a
-  // block changes no result.
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t run = std::max<int64_t>(1, blocks / (8 * threads));
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t first = next.fetch_add(run); first < blocks; first = next.fetch_add(run)) {
-      for (int64_t index = first; index < std::min(blocks, first + run); ++index)
-        block(xp, M, K, wp, added, yp, N, index);
-    }
-  });
+  tertulia::for_each_block(
+      blocks, 8, [] { return 0; }, [&](int64_t index, int) { block(xp, M, K, wp, added, yp, N, index); });
   return y;
 }
 

@@ -27,11 +27,12 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+
+#include "block_runs.h"
 
 namespace {
 
@@ -194,22 +195,9 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const at::Half* sp = scales.data_ptr<at::Half>();
-  // Threads take runs of blocks as they free up rather than a fixed half each: when another thread of
-  // the process (the HTTP server's) takes a core for a moment, the other thread carries on with the
-  // blocks left instead of waiting at the end of the call. Which thread computes a block changes no
-  // result.
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t run = std::max<int64_t>(1, blocks / (4 * threads));
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::unique_ptr<float, decltype(&std::free)> sums(
-        static_cast<float*>(std::aligned_alloc(64, kRowChunk * kTilesPerBlock * kTile * sizeof(float))),
-        &std::free);
-    for (int64_t first = next.fetch_add(run); first < blocks; first = next.fetch_add(run)) {
-      for (int64_t index = first; index < std::min(blocks, first + run); ++index)
-        block(xp, M, K, wp, sp, xs, yp, N, index, sums.get());
-    }
-  });
+  tertulia::for_each_block(
+      blocks, 4, [&] { return tertulia::aligned<float>(kRowChunk * kTilesPerBlock * kTile * sizeof(float)); },
+      [&](int64_t index, tertulia::Aligned<float>& sums) { block(xp, M, K, wp, sp, xs, yp, N, index, sums.get()); });
   return y;
 }
 

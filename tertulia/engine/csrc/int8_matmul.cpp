@@ -23,11 +23,12 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+
+#include "block_runs.h"
 
 namespace {
 
@@ -123,19 +124,9 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   const int8_t* wp = packed.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // As in int4_matmul.cpp: threads take runs of blocks as they free up; which thread computes a
-  // block changes no result.
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t run = std::max<int64_t>(1, blocks / (8 * threads));
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::unique_ptr<__m512i, decltype(&std::free)> weights(
-        static_cast<__m512i*>(std::aligned_alloc(64, K / 2 * kTiles * sizeof(__m512i))), &std::free);
-    for (int64_t first = next.fetch_add(run); first < blocks; first = next.fetch_add(run)) {
-      for (int64_t index = first; index < std::min(blocks, first + run); ++index)
-        block(xp, M, K, wp, sp, yp, N, index, weights.get());
-    }
-  });
+  tertulia::for_each_block(
+      blocks, 8, [&] { return tertulia::aligned<__m512i>(K / 2 * kTiles * sizeof(__m512i)); },
+      [&](int64_t index, tertulia::Aligned<__m512i>& weights) { block(xp, M, K, wp, sp, yp, N, index, weights.get()); });
   return y;
 }
 
