@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -166,7 +167,7 @@ def quality() -> dict[str, float]:
     import asyncio
 
     from tertulia.engine import quant
-    from tertulia.eval.perplexity import perplexity
+    from tertulia.eval.perplexity import token_logprobs
     from tertulia.providers.local import LocalProvider
 
     result = {}
@@ -176,7 +177,12 @@ def quality() -> dict[str, float]:
         if not sequences:
             return {}
         provider = LocalProvider.of_model(model, quantization=mode, max_batch=1, inline=True)
-        result[mode] = asyncio.run(perplexity(provider, sequences))
+        window = provider.context_length or 2048
+        # Every token of each chat after its first, given all before it.
+        scores = [
+            s for ids in sequences for s in asyncio.run(token_logprobs(provider, ids[1:], ids[0], window))
+        ]
+        result[mode] = math.exp(-sum(scores) / len(scores))
     return result
 
 

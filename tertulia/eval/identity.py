@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from tertulia.eval.answers import ask, greedy_answers
-from tertulia.eval.perplexity import perplexity
+from tertulia.eval.perplexity import chat_perplexity
 from tertulia.models import registry
 from tertulia.models.registry import LoadedModel
 from tertulia.providers.local import LocalProvider
-from tertulia.train.batches import tokenize
 
 
 @dataclass
@@ -56,10 +55,8 @@ def measure(model: LoadedModel, held_out: HeldOut) -> Measure:
     provider = LocalProvider.of_model(model, max_batch=16, inline=True)
     answers = asyncio.run(greedy_answers(provider, [ask(q) for q in held_out.questions]))
     hits = sum(held_out.name.lower() in a.lower() for a in answers)
-    ends = sorted(model.tokenizer.end_of_turn_ids() | set(model.config.eos_ids))
-    chats = [tokenize(e["messages"], model.template, ends) for e in held_out.chat]
-    score = asyncio.run(perplexity(provider, [c.ids for c in chats], scored=[c.trained for c in chats]))
-    return Measure(answers, hits / max(len(answers), 1), score)
+    score = asyncio.run(chat_perplexity(provider, [e["messages"] for e in held_out.chat]))
+    return Measure(answers, hits / max(len(answers), 1), score.token_perplexity)
 
 
 def check(base: str | None, tuned: str, held_out: HeldOut) -> IdentityCheck:

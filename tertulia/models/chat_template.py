@@ -13,6 +13,7 @@ import re
 import secrets
 import time
 from datetime import datetime
+from collections.abc import Collection
 from typing import Any
 
 from jinja2 import TemplateError
@@ -185,6 +186,38 @@ class ChatTemplate:
         ids += template_text(text[cursor:])
         return ids
 
+
+    def encode_marked(
+        self, messages: list[dict[str, Any]], end_ids: Collection[int]
+    ) -> tuple[list[int], list[bool]]:
+        """The whole conversation's ids, and which of them are the assistant's (each assistant turn up
+        to and including its end token; turns with `weight: 0` are not). What fine-tuning trains on and
+        what evaluation scores a model's replies on.
+
+        Assistant spans are found by rendering growing prefixes of the conversation: this holds for any
+        template whose rendering of the first k turns is a prefix of the whole (ChatML, Llama 3, ...).
+        """
+        ids = self.encode(messages, add_generation_prompt=False)
+        marked = [False] * len(ids)
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant" or not message.get("weight", 1):
+                continue
+            prompt = self.encode(messages[:turn], add_generation_prompt=True)
+            through = self.encode(messages[: turn + 1], add_generation_prompt=False)
+            if through[: len(prompt)] != prompt or ids[: len(through)] != through:
+                raise PromptError(
+                    "This model's chat template does not render conversations turn by turn, "
+                    "so the assistant's tokens cannot be told apart.",
+                    "Use a model with a ChatML- or Llama-style template.",
+                )
+            end = len(through)
+            for position in range(len(prompt), len(through)):
+                if through[position] in end_ids:
+                    end = position + 1
+                    break
+            for position in range(len(prompt), end):
+                marked[position] = True
+        return ids, marked
 
 # The private-use characters the markers and placeholders are made of: taken out of message text, so
 # that nothing a user writes can complete, imitate or break one.

@@ -27,7 +27,7 @@ class Capability(enum.StrEnum):
     TOKENS = "tokens"  # counts and decodes tokens with the model's own tokenizer; knows its context
     RAW_PROMPT = "raw_prompt"  # takes a prompt as text or token ids (no chat template)
     LOGPROBS = "logprobs"  # reports each sampled token's log-probability and alternatives
-    SCORE = "score"  # the log-likelihood of a given text
+    SCORE = "score"  # the log-likelihood of given continuations of given contexts
     PASSTHROUGH = "passthrough"  # forwards an OpenAI /v1 request as the client wrote it
 
 
@@ -228,9 +228,29 @@ class Provider(ABC):
         self._require(Capability.TOKENS)
         raise NotImplementedError
 
-    async def score(self, ids: list[int], window: int | None = None) -> list[float]:
-        """log p(ids[i] | what precedes it) for i >= 1, read in windows of `window` tokens with no
-        overlap (each window sees only itself), so any length fits."""
+    def encode(self, text: str) -> list[int]:
+        """`text` as the model's tokens, as plain text: nothing added, control strings not honoured."""
+        self._require(Capability.TOKENS)
+        raise NotImplementedError
+
+    def encode_conversation(self, messages: list[Message]) -> tuple[list[int], list[bool]]:
+        """A whole conversation as the model sees it, and which tokens are the assistant's replies."""
+        self._require(Capability.TOKENS)
+        raise NotImplementedError
+
+    @property
+    def document_start(self) -> int:
+        """The token a document is scored after, so its first token has a context: the model's
+        beginning-of-text token, else its end-of-text one (lm-evaluation-harness's rule)."""
+        self._require(Capability.TOKENS)
+        raise NotImplementedError
+
+    async def loglikelihoods(
+        self, requests: list[tuple[list[int], list[int]]], max_length: int | None = None
+    ) -> list[list[float]]:
+        """For each (context ids, continuation ids): the log-probability of every continuation token
+        given all that precedes it, the oldest context dropped so that at most `max_length` tokens (the
+        model's context by default) go in at once."""
         self._require(Capability.SCORE)
         raise NotImplementedError
 

@@ -18,7 +18,7 @@ from tertulia.engine.async_engine import AsyncEngine, RequestStream
 from tertulia.engine.engine import Engine
 from tertulia.engine.quant import check_mode
 from tertulia.engine.sampling import SamplingParams
-from tertulia.engine.scoring import token_logprobs
+from tertulia.engine.scoring import continuation_logprobs
 from tertulia.engine.sequence import StepOutput
 from tertulia.errors import PromptError
 from tertulia.models import registry
@@ -202,12 +202,29 @@ class LocalProvider(Provider):
     def decode(self, ids: list[int]) -> str:
         return self.model.tokenizer.decode(ids, skip_special=False)
 
-    async def score(self, ids: list[int], window: int | None = None) -> list[float]:
-        module, limit = self.model.module, self.model.config.max_position_embeddings
-        window = min(window or limit, limit)
+    def encode(self, text: str) -> list[int]:
+        return self.model.tokenizer.encode(text)
+
+    def encode_conversation(self, messages: list[Message]) -> tuple[list[int], list[bool]]:
+        ends = self.model.tokenizer.end_of_turn_ids() | set(self.model.config.eos_ids)
+        return self.model.template.encode_marked(messages, ends)
+
+    @property
+    def document_start(self) -> int:
+        tokenizer = self.model.tokenizer
+        start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        if start is None:
+            raise PromptError("This model's tokenizer has neither a beginning- nor an end-of-text token.")
+        return start
+
+    async def loglikelihoods(
+        self, requests: list[tuple[list[int], list[int]]], max_length: int | None = None
+    ) -> list[list[float]]:
+        limit = self.model.config.max_position_embeddings
+        length = min(max_length or limit, limit)
         if self.driver.inline:
-            return token_logprobs(module, ids, window)
-        return await asyncio.to_thread(token_logprobs, module, ids, window)
+            return continuation_logprobs(self.model.module, requests, length)
+        return await asyncio.to_thread(continuation_logprobs, self.model.module, requests, length)
 
     # --- replies --------------------------------------------------------------------------------
     async def reply(self, request: ReplyRequest) -> Reply:

@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 
 import torch
 
-from tertulia.errors import TertuliaError
 from tertulia.models.chat_template import ChatTemplate
 
 T = TypeVar("T")
@@ -48,32 +47,8 @@ class TokenizedExample:
 def tokenize(
     messages: list[dict[str, Any]], template: ChatTemplate, eos_ids: Sequence[int]
 ) -> TokenizedExample:
-    """The conversation as the model sees it, with each trained assistant turn marked up to its end token.
-
-    Assistant spans are found by rendering growing prefixes of the conversation: this holds for any
-    template whose rendering of the first k turns is a prefix of the whole (ChatML, Llama 3, ...).
-    """
-    ids = template.encode(messages, add_generation_prompt=False)
-    trained = [False] * len(ids)
-    for turn, message in enumerate(messages):
-        if message["role"] != "assistant" or not message.get("weight", 1):
-            continue
-        prompt = template.encode(messages[:turn], add_generation_prompt=True)
-        through = template.encode(messages[: turn + 1], add_generation_prompt=False)
-        if through[: len(prompt)] != prompt or ids[: len(through)] != through:
-            raise TertuliaError(
-                "This model's chat template does not render conversations turn by turn, "
-                "so the assistant's tokens cannot be told apart.",
-                "Fine-tune a model with a ChatML- or Llama-style template.",
-            )
-        end = len(through)
-        for position in range(len(prompt), len(through)):
-            if through[position] in eos_ids:
-                end = position + 1
-                break
-        for position in range(len(prompt), end):
-            trained[position] = True
-    return TokenizedExample(ids, trained)
+    """The conversation as the model sees it, with each trained assistant turn marked up to its end token."""
+    return TokenizedExample(*template.encode_marked(messages, eos_ids))
 
 
 def bucket(lengths: Sequence[int], batch_tokens: int, rng: random.Random) -> list[list[int]]:
