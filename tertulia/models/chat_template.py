@@ -12,8 +12,8 @@ import json
 import re
 import secrets
 import time
-from datetime import datetime
 from collections.abc import Collection
+from datetime import datetime
 from typing import Any
 
 from jinja2 import TemplateError
