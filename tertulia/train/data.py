@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -144,6 +144,22 @@ def _parse(line: int, record: Any) -> tuple[str | None, list[Message] | None, li
     )
 
 
+def json_lines(raw: bytes) -> Iterator[tuple[int, Any]]:
+    """Each non-blank line of a JSONL file, numbered from 1: its JSON value, or the Problem reading it."""
+    for number, data in enumerate(raw.split(b"\n"), 1):
+        try:
+            text = data.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            yield number, Problem(number, "bad_json", "Not UTF-8 text.")
+            continue
+        if not text:
+            continue
+        try:
+            yield number, json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield number, Problem(number, "bad_json", f"Not valid JSON: {exc.msg} (column {exc.colno}).")
+
+
 def validate(
     path: Path | str,
     count_tokens: Callable[[list[Message]], int] | None = None,
@@ -164,20 +180,9 @@ def validate(
     report = Report(path)
     seen: dict[str, int] = {}
     formats: dict[str, int] = {}
-    for number, data in enumerate(raw.split(b"\n"), 1):
-        try:
-            text = data.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            report.problems.append(Problem(number, "bad_json", "Not UTF-8 text."))
-            continue
-        if not text:
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as exc:
-            report.problems.append(
-                Problem(number, "bad_json", f"Not valid JSON: {exc.msg} (column {exc.colno}).")
-            )
+    for number, record in json_lines(raw):
+        if isinstance(record, Problem):
+            report.problems.append(record)
             continue
         kind, messages, problems = _parse(number, record)
         report.problems += problems
