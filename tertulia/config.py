@@ -41,3 +41,10 @@ def models_dir() -> Path:
     path = home() / "models"
     _ensure_dir(path)
     return path
+
+
+def reports_dir() -> Path:
+    """Evaluation reports (`tertulia eval`), one directory each; the web app lists them."""
+    path = home() / "reports"
+    _ensure_dir(path)
+    return path

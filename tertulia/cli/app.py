@@ -12,6 +12,7 @@ from rich.table import Table
 from tertulia import __version__
 from tertulia.cli.data import data_app
 from tertulia.cli.demo import demo
+from tertulia.cli.evaluate import eval_app
 from tertulia.cli.finetune import finetune
 from tertulia.cli.tokens import tokens
 from tertulia.config import DEFAULT_MODEL
@@ -24,6 +25,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_app, name="data")
+app.add_typer(eval_app, name="eval")
 app.command()(tokens)
 app.command()(finetune)
 app.command()(demo)

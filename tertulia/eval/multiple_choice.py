@@ -99,7 +99,9 @@ async def multiple_choice(
     result = ChoiceResult()
     for first in range(0, len(items), ITEMS_PER_CALL):
         batch = items[first : first + ITEMS_PER_CALL]
-        pairs = [encode_pair(provider, context(item), f" {choice}") for item in batch for choice in item.choices]
+        pairs = [
+            encode_pair(provider, context(item), f" {choice}") for item in batch for choice in item.choices
+        ]
         scores = await provider.loglikelihoods(pairs, max_length)
         cursor = 0
         for item in batch:

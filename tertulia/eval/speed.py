@@ -13,6 +13,7 @@ model's weights, its KV cache and the interpreter, the figure `top` would have s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -30,10 +31,11 @@ METHOD = (
     "aggregate = all streams' tokens / wall time"
 )
 # Distinct sentences, so that prompts differ from their first tokens and are not served from cache.
-_WORDS = (
-    "river window garden lantern harbor meadow copper violin orchard thunder canyon pepper saddle "
-    "marble compass feather ribbon glacier tablet cedar anchor velvet prism walnut beacon"
-).split()
+_WORDS = [
+    *("river", "window", "garden", "lantern", "harbor", "meadow", "copper", "violin", "orchard"),
+    *("thunder", "canyon", "pepper", "saddle", "marble", "compass", "feather", "ribbon", "glacier"),
+    *("tablet", "cedar", "anchor", "velvet", "prism", "walnut", "beacon"),
+]
 
 
 def prompt_text(index: int, words: int) -> str:
@@ -61,16 +63,17 @@ class SpeedResult:
     method: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"levels": [asdict(level) for level in self.levels], "peak_memory_mb": self.peak_memory_mb,
-                "method": self.method}
+        return {
+            "levels": [asdict(level) for level in self.levels],
+            "peak_memory_mb": self.peak_memory_mb,
+            "method": self.method,
+        }
 
 
 def reset_peak_memory() -> None:
     """Start the resident high-water mark afresh (Linux; elsewhere nothing happens)."""
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def peak_memory_mb() -> float | None:
@@ -83,9 +86,9 @@ def peak_memory_mb() -> float | None:
     return None
 
 
-async def _round(provider: Provider, streams: int, first_index: int, words: int, tokens: int) -> tuple[
-    list[Usage], float
-]:
+async def _round(
+    provider: Provider, streams: int, first_index: int, words: int, tokens: int
+) -> tuple[list[Usage], float]:
     options = Options(temperature=0, max_tokens=tokens)
 
     async def one(index: int) -> Usage:

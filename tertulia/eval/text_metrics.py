@@ -4,7 +4,8 @@ BLEU and chrF are sacrebleu's corpus scores with its defaults (13a tokenization,
 prints); ROUGE-1/2/L are rouge-score's F-measures averaged over answers, with its Porter stemmer. Exact
 match and contains match compare normalised text: lower case, punctuation dropped, whitespace
 collapsed; "contains" asks whether the reference appears in the answer as whole words (short
-reference answers, long chatty replies). All are on a 0-100 scale. The `eval` extra supplies sacrebleu and rouge-score.
+reference answers, long chatty replies). All are on a 0-100 scale. The `eval` extra supplies
+sacrebleu and rouge-score.
 """
 
 from __future__ import annotations

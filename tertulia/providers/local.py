@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from tertulia import __version__
 from tertulia.engine.async_engine import AsyncEngine, RequestStream
 from tertulia.engine.engine import Engine
-from tertulia.engine.quant import check_mode
+from tertulia.engine.quant import MODES, check_mode
 from tertulia.engine.sampling import SamplingParams
 from tertulia.engine.scoring import continuation_logprobs
 from tertulia.engine.sequence import StepOutput
@@ -64,6 +64,10 @@ def sampling_params(request: ReplyRequest) -> SamplingParams:
         json_object=request.json_object,
         ignore_eos=request.ignore_eos,
     )
+
+
+# What --quantize accepts: the engine's modes, and "auto" (the weights' own precision decides).
+QUANTIZATIONS = ("auto", *MODES)
 
 
 def check_quantization(mode: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -302,6 +302,21 @@ class Store:
                 )
             )
             return {message_id: rating for message_id, rating in rows}
+
+    def ratings_by_model(self) -> dict[str, tuple[int, int]]:
+        """Thumbs (up, down) on replies, summed per model that wrote them, over every user: what an
+        evaluation report shows beside its measurements."""
+        with self.db.session() as s:
+            rows = s.execute(
+                select(Message.model, Feedback.rating, func.count())
+                .join(Message, Feedback.message_id == Message.id)
+                .group_by(Message.model, Feedback.rating)
+            )
+            summary: dict[str, list[int]] = {}
+            for model, rating, count in rows:
+                counts = summary.setdefault(model or "unknown", [0, 0])
+                counts[0 if rating > 0 else 1] += count
+            return {model: (up, down) for model, (up, down) in summary.items()}
 
     # --- helpers ------------------------------------------------------------------------------
     @staticmethod
