@@ -32,7 +32,7 @@ $(NATIVE_STAMP): $(STAMP) $(wildcard tertulia/engine/csrc/*.cpp tertulia/engine/
 install: $(STAMP) $(NATIVE_STAMP)
 
 $(DEV_STAMP): $(STAMP)
-	$(PIP) install --quiet -e ".[dev,train]"
+	$(PIP) install --quiet -e ".[dev,train,eval]"
 	touch $(DEV_STAMP)
 
 dev: $(DEV_STAMP)

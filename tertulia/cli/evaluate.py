@@ -185,7 +185,7 @@ def suite(
                 err.print(f"[yellow]{outcome.choice.label}: skipped {done.task.name}[/]: {done.skipped}")
     for label, name, reason in failed:
         err.print(f"[red]{label}: {name} failed[/]: {reason}")
-    Console(highlight=False).print(f"Report: {target / 'report.md'} (also report.html, results.json)")
+    print(f"Report: {target / 'report.md'} (also report.html, results.json)")
     if failed:
         sys.exit(1)
 

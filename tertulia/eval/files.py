@@ -45,12 +45,15 @@ def _text(path: Path) -> str:
 
 
 def _refuse(path: Path, problems: list[Problem], expected: str) -> TaskFileError:
+    problems = sorted(problems, key=lambda p: p.line)
     shown = "; ".join(f"line {p.line}: {p.message}" for p in problems[:SHOWN_PROBLEMS])
     more = f" (and {len(problems) - SHOWN_PROBLEMS} more)" if len(problems) > SHOWN_PROBLEMS else ""
     return TaskFileError(f"{path}: {shown}{more}", f"Expected {expected}.")
 
 
-def _records(path: Path, expected: str) -> list[tuple[int, Any]]:
+def _records(path: Path, expected: str) -> tuple[list[tuple[int, Any]], list[Problem]]:
+    """Each line's JSON value with its number, and the lines that are not JSON (all reported together
+    with the caller's own findings, so a file is fixed in one pass)."""
     _text(path)  # the encoding, checked once for the whole file
     records: list[tuple[int, Any]] = []
     problems: list[Problem] = []
@@ -59,11 +62,9 @@ def _records(path: Path, expected: str) -> list[tuple[int, Any]]:
             problems.append(record)
         else:
             records.append((number, record))
-    if problems:
-        raise _refuse(path, problems, expected)
-    if not records:
+    if not records and not problems:
         raise TaskFileError(f"{path} has no records.", f"Expected {expected}.")
-    return records
+    return records, problems
 
 
 DOCUMENTS = 'plain text, or JSONL with one {"text": "..."} per line'
@@ -73,8 +74,9 @@ def read_documents(path: Path) -> list[str]:
     """A text file as one document, or each JSONL line's `text`."""
     if path.suffix.lower() != ".jsonl":
         return [_text(path)]
-    documents, problems = [], []
-    for number, record in _records(path, DOCUMENTS):
+    documents: list[str] = []
+    records, problems = _records(path, DOCUMENTS)
+    for number, record in records:
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str) or not text.strip():
             problems.append(Problem(number, "no_text", "no non-empty 'text' field"))
@@ -103,7 +105,7 @@ def read_conversations(path: Path, *, reference: bool = False) -> list[list[Mess
             if e.messages[-1]["role"] != "assistant"
         ]
     if problems:
-        raise _refuse(path, sorted(problems, key=lambda p: p.line), expected)
+        raise _refuse(path, problems, expected)
     if not report.examples:
         raise TaskFileError(f"{path} has no conversations.", f"Expected {expected}.")
     return [example.messages for example in report.examples]
@@ -142,8 +144,8 @@ def _choice_item(number: int, record: Any) -> ChoiceItem | Problem:
 
 def read_choices(path: Path) -> list[ChoiceItem]:
     items: list[ChoiceItem] = []
-    problems: list[Problem] = []
-    for number, record in _records(path, CHOICES):
+    records, problems = _records(path, CHOICES)
+    for number, record in records:
         item = _choice_item(number, record)
         if isinstance(item, Problem):
             problems.append(item)

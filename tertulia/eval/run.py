@@ -22,8 +22,10 @@ from tertulia.eval.perplexity import chat_perplexity, document_perplexity
 from tertulia.eval.speed import peak_memory_mb, reset_peak_memory, speed
 from tertulia.eval.suite import SCORING_KINDS, Suite, Task
 from tertulia.eval.text_metrics import reference_scores
+from tertulia.models import registry
 from tertulia.providers.base import Capability, Provider
-from tertulia.providers.local import QUANTIZATIONS
+from tertulia.providers.local import QUANTIZATIONS, check_quantization
+from tertulia.providers.remote import parse_spec
 from tertulia.providers.spec import open_provider
 
 Advance = Callable[[int], None]
@@ -195,8 +197,19 @@ async def run_model(choice: ModelChoice, suite: Suite, tracker: Tracker) -> Mode
     return outcome
 
 
+def check_model(choice: ModelChoice) -> None:
+    """Refuse a model that cannot be found, or an unknown precision, before anything runs."""
+    check_quantization(choice.quantization)
+    if choice.spec.startswith("remote:"):
+        parse_spec(choice.spec)
+    else:
+        registry.resolve(choice.spec)
+
+
 async def run_suite(choices: list[ModelChoice], suite: Suite, tracker: Tracker) -> list[ModelOutcome]:
     """Every task of `suite` on every model, one model loaded at a time."""
     for task in suite.tasks:  # every file read and checked before any model loads
         task_data(task)
+    for choice in choices:
+        check_model(choice)
     return [await run_model(choice, suite, tracker) for choice in choices]
