@@ -136,3 +136,27 @@ def live_server(embedded_dir: Path) -> Iterator[LiveServer]:
     served = LocalProvider(engine)
     with running(create_app([served])) as url:
         yield LiveServer(url, served)
+
+
+@pytest.fixture(scope="session")
+def eval_report(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real report directory (`tertulia eval`'s writer) from a small suite on two precisions of the
+    tiny model: quality tables, speed, side by side, ratings."""
+    import asyncio
+
+    from tertulia.eval.report import write_report
+    from tertulia.eval.run import ModelChoice, Silent, run_suite
+    from tertulia.eval.suite import load_suite
+
+    folder = tmp_path_factory.mktemp("report-source")
+    suite_file = folder / "suite.yaml"
+    suite_file.write_text(
+        "name: tiny\ndescription: A <small> suite & its report.\ntasks:\n"
+        "  - {kind: multiple_choice, name: trivia, file: 'builtin:trivia-choice.jsonl', limit: 3}\n"
+        "  - {kind: speed, streams: [1], prompt_tokens: 16, max_tokens: 3, rounds: 1}\n"
+        "  - {kind: side_by_side, prompts: ['<script>alert(1)</script> hi'], max_tokens: 4}\n"
+    )
+    suite = load_suite(suite_file)
+    choices = [ModelChoice(str(tiny_hf_dir), "none"), ModelChoice(str(tiny_hf_dir), "int8")]
+    outcomes = asyncio.run(run_suite(choices, suite, Silent()))
+    return write_report(folder / "20261203-120000-tiny", suite, outcomes, {"smollm2-135m": (2, 1)})

@@ -273,16 +273,15 @@ def markdown(report: list[Block]) -> str:
     return "\n".join(lines)
 
 
-STYLE = """
-body{font:15px/1.5 system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;color:#1d232a}
-table{border-collapse:collapse;margin:.5rem 0 1rem}td,th{border:1px solid #d0d7de;padding:.3rem .6rem;
-vertical-align:top;text-align:left}th{background:#f3f5f7}img{max-width:100%}h1{margin-bottom:.2rem}
-td{white-space:pre-wrap}
-"""
+# The report's look, shared by the self-contained file (inlined) and the web app (linked: its CSP
+# allows no inline style).
+STYLESHEET = Path(__file__).parent / "report.css"
 
 
-def page(report: list[Block], charts: dict[str, str]) -> str:
-    parts = []
+def page(report: list[Block], stylesheet: str | None = None, header: str = "") -> str:
+    """The report as one HTML document: text escaped, charts embedded as data URIs, no script. With
+    `stylesheet` (a URL) the styles are linked rather than inlined; `header` is trusted HTML put first."""
+    parts = [header] if header else []
     for kind, content in report:
         if kind in ("h1", "h2", "h3"):
             parts.append(f"<{kind}>{html.escape(content)}</{kind}>")
@@ -299,10 +298,29 @@ def page(report: list[Block], charts: dict[str, str]) -> str:
             )
             parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
     title = html.escape(next((c for k, c in report if k == "h1"), "Evaluation"))
-    return (
-        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-        f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n"
+    return document(title, "".join(parts), stylesheet)
+
+
+def document(title: str, body: str, stylesheet: str | None = None) -> str:
+    style = (
+        f'<link rel="stylesheet" href="{html.escape(stylesheet)}">'
+        if stylesheet
+        else f"<style>{STYLESHEET.read_text()}</style>"
     )
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>'
+        f"{style}</head><body>{body}</body></html>\n"
+    )
+
+
+def chart_files(directory: Path) -> dict[str, str]:
+    """The charts a report directory holds, by name."""
+    return {
+        name: str(directory / f"{name}.png")
+        for name in ("quality", "speed")
+        if (directory / f"{name}.png").is_file()
+    }
 
 
 def write_report(
@@ -322,7 +340,7 @@ def write_report(
         report = blocks(data, charts)
         (partial / "results.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         (partial / "report.md").write_text(markdown(report), encoding="utf-8")
-        (partial / "report.html").write_text(page(report, charts), encoding="utf-8")
+        (partial / "report.html").write_text(page(report), encoding="utf-8")
         if out.exists():
             out.rmdir()  # only ever empty here: the caller refuses a directory with files in it
         partial.rename(out)

@@ -22,6 +22,7 @@ from tertulia.server import (
     openai_api,
     ops_api,
     replies_api,
+    reports_web,
     web,
 )
 from tertulia.server.limits import LOOPBACK_HOSTS, BodyLimit, GuardMiddleware, HostGuard
@@ -103,6 +104,7 @@ def create_app(
         auth_api.router,
         conversations_api.router,
         replies_api.router,
+        reports_web.router,
     ):
         app.include_router(router)
     ops_api.mount(app)
