@@ -99,6 +99,7 @@ bench: $(BENCH_STAMP) $(NATIVE_STAMP)
 	$(PY) benchmarks/finetune.py --rounds 3 --epochs 1
 	$(PY) benchmarks/json_mode.py --max-tokens 300 --seeds 5
 	$(PY) benchmarks/int4_cache.py --runs 7
+	$(PY) benchmarks/eval_perplexity.py --rounds 3
 	$(PY) benchmarks/report.py
 
 # Serving speed of the working tree against another commit, in one run: make bench-ab BASE=REF

@@ -388,6 +388,33 @@ def prefix_cache(result: dict) -> str:
     )
 
 
+def eval_perplexity(result: dict) -> str:
+    rates, ratios, settings = result["tokens_per_second"], result["ratios"], result["settings"]
+    sides = list(next(iter(rates.values())))
+    lines = [
+        "## Perplexity: `tertulia eval` against lm-evaluation-harness",
+        "",
+        f"Command: `python benchmarks/eval_perplexity.py --rounds {settings['rounds']}`. "
+        + machine_line(result),
+        "",
+        "The same documents, the same method (rolling log-likelihood in windows of "
+        f"{settings['window']:,} tokens) and the same weights; the harness's transformers backend (`HFLM`, "
+        "float32, batch size 1) timed on its `loglikelihood_rolling` alone, Tertulia on "
+        "`document_perplexity`, model loading excluded on both sides, rounds interleaved in one process. "
+        "Tokens per second, medians:",
+        "",
+        "| text | tokens | " + " | ".join(sides) + " | float32 ratio | int4 vs harness float32 |",
+        "|---|---|" + "---|" * len(sides) + "---|---|",
+    ]
+    for name, by_side in rates.items():
+        cells = " | ".join(f"{by_side[side]:.0f}" for side in sides)
+        lines.append(
+            f"| {name} | {result['tokens'][name]:,} | {cells} | {ratios[name]['float32']:.2f}× | "
+            f"{ratios[name]['int4 vs harness float32']:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "prefix_cache": prefix_cache,
     "json_mode": json_mode,
@@ -397,6 +424,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "decode": decode,
     "profile": profile,
     "finetune": finetune,
+    "eval_perplexity": eval_perplexity,
 }
 
 
