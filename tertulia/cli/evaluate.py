@@ -164,8 +164,9 @@ def suite(
     from tertulia.errors import TertuliaError
     from tertulia.eval.report import write_report
     from tertulia.eval.run import ModelChoice, run_suite
-    from tertulia.eval.suite import load_suite
+    from tertulia.eval.suite import load_suite, require
 
+    require("matplotlib")  # the report's charts: known before hours of work, not after
     chosen = load_suite(suite_file)
     choices = [ModelChoice.parse(m, quantize) for m in [model, *(compare or [])]]
     target = out or settings.reports_dir() / f"{datetime.now():%Y%m%d-%H%M%S}-{chosen.name}"

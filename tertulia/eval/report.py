@@ -24,7 +24,7 @@ from typing import Any
 from tertulia import __version__
 from tertulia.eval.charts import quality_chart, speed_chart
 from tertulia.eval.run import ModelOutcome
-from tertulia.eval.suite import Suite
+from tertulia.eval.suite import DATA, Suite
 
 # Per kind of task: (result key, label, format, higher is better), in the order the report lists them.
 HEADLINES: dict[str, list[tuple[str, str, str, bool]]] = {
@@ -83,9 +83,14 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _source(path: Path) -> str:
+    """Where the suite came from: a shipped file by its builtin: name, not this machine's path."""
+    return f"builtin:{path.name}" if path.parent == DATA else str(path)
+
+
 def results_json(suite: Suite, models: list[ModelOutcome], ratings: dict[str, tuple[int, int]]) -> dict:
     return {
-        "suite": {"name": suite.name, "description": suite.description, "source": str(suite.source)},
+        "suite": {"name": suite.name, "description": suite.description, "source": _source(suite.source)},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "models": [

@@ -20,7 +20,7 @@ from tertulia.eval.answers import greedy_answers
 from tertulia.eval.multiple_choice import multiple_choice
 from tertulia.eval.perplexity import chat_perplexity, document_perplexity
 from tertulia.eval.speed import peak_memory_mb, reset_peak_memory, speed
-from tertulia.eval.suite import SCORING_KINDS, Suite, Task
+from tertulia.eval.suite import SCORING_KINDS, Suite, Task, require
 from tertulia.eval.text_metrics import reference_scores
 from tertulia.models import registry
 from tertulia.providers.base import Capability, Provider
@@ -92,6 +92,7 @@ def task_data(task: Task) -> Any:
     if task.kind == "multiple_choice":
         return files.read_choices(settings["file"])[: settings["limit"]]
     if task.kind == "references":
+        require("sacrebleu", "rouge_score")  # before the answers are generated, not after
         return files.read_conversations(settings["file"], reference=True)[: settings["limit"]]
     return None
 

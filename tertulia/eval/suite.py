@@ -16,6 +16,7 @@ refuses an unknown key. `file:` is relative to the suite file; `builtin:NAME` na
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,18 @@ def _type_name(kind: type) -> str:
     return TYPE_NAMES.get(kind, kind.__name__)
 
 
+def require(*modules: str) -> None:
+    """Refuse, with how to fix it, when a library of the `eval` extra is missing."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SuiteError(
+            f"This needs {', '.join(missing)}, which is not installed.",
+            "Install it: pip install 'tertulia[eval]'",
+        )
+
+
 def load_suite(path: Path | None = None) -> Suite:
+    require("yaml")
     import yaml
 
     path = path or DEFAULT_SUITE

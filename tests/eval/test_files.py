@@ -114,3 +114,12 @@ def test_bad_suites(tmp_path: Path, body: str, message: str) -> None:
     path.write_text(body)
     with pytest.raises(SuiteError, match=message):
         load_suite(path)
+
+
+def test_a_missing_library_says_how_to_install_it() -> None:
+    from tertulia.eval.suite import require
+
+    require("json")
+    with pytest.raises(SuiteError, match="no_such_library_xyz, which is not installed") as refused:
+        require("json", "no_such_library_xyz")
+    assert "pip install 'tertulia[eval]'" in refused.value.hint
