@@ -215,6 +215,14 @@ def _speed(models: list[dict], name: str, charts: dict[str, str]) -> list[Block]
     method = next((r["method"] for r in _results(models, name) if r), None)
     if method:
         out.append(("p", f"Method: {method}. Peak memory: the process's resident high-water mark."))
+    if len(models) > 1:
+        out.append(
+            (
+                "p",
+                "The models ran one after another: on a shared machine part of a difference in speed can "
+                "be the machine's. For a paired comparison, the benchmarks interleave peers round by round.",
+            )
+        )
     return out
 
 
