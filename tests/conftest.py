@@ -143,6 +143,7 @@ def eval_report(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """A real report directory (`tertulia eval`'s writer) from a small suite on two precisions of the
     tiny model: quality tables, speed, side by side, ratings."""
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
     from tertulia.eval.report import write_report
     from tertulia.eval.run import ModelChoice, Silent, run_suite
@@ -158,5 +159,7 @@ def eval_report(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     )
     suite = load_suite(suite_file)
     choices = [ModelChoice(str(tiny_hf_dir), "none"), ModelChoice(str(tiny_hf_dir), "int8")]
-    outcomes = asyncio.run(run_suite(choices, suite, Silent()))
+    # In a thread of its own: a browser test that asks for it first has an event loop running here.
+    with ThreadPoolExecutor(1) as worker:
+        outcomes = worker.submit(asyncio.run, run_suite(choices, suite, Silent())).result()
     return write_report(folder / "20261203-120000-tiny", suite, outcomes, {"smollm2-135m": (2, 1)})

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +48,10 @@ from tertulia.store.schema import Conversation, Persona
 router = APIRouter(prefix="/api")
 
 SAVE_EVERY_SECONDS = 0.25  # how often a streaming reply is written to the store
+# The periodic saves run here rather than in asyncio's executor: a save in flight when the client
+# leaves must be waited for (or taken back) before the last one, and only a concurrent future says
+# which of the two happened.
+_SAVES = ThreadPoolExecutor(max_workers=4, thread_name_prefix="reply-save")
 
 
 def default_model(state: ServerState) -> str:
@@ -213,6 +219,7 @@ async def _events(store: Store, source: Reply, message_id: str, start: dict[str,
     pending: list[str] = []
     last_save = time.perf_counter()
     finish, error = None, None
+    in_flight: tuple[Future[None], str] | None = None
     try:
         async for event in source:
             now = time.perf_counter()
@@ -220,18 +227,28 @@ async def _events(store: Store, source: Reply, message_id: str, start: dict[str,
                 pending.append(event.text)
                 yield sse({"type": "delta", "text": event.text})
             if pending and now - last_save >= SAVE_EVERY_SECONDS:
-                # Taken from `pending` before the await: if the client leaves meanwhile, the save
-                # still completes and the final one below must not repeat it.
                 chunk, pending, last_save = "".join(pending), [], now
-                await asyncio.to_thread(store.append, message_id, chunk)
+                in_flight = (_SAVES.submit(store.append, message_id, chunk), chunk)
+                await asyncio.wrap_future(in_flight[0])
+                in_flight = None
             if event.finish_reason:
                 finish, error = event.finish_reason, event.error
     finally:
         # Also reached when the client goes away (Stop, a closed tab): the generator is closed. Saving
-        # here is synchronous because the task may be cancelled; it is one short transaction.
+        # here is synchronous because the task may be cancelled; it is one short transaction. A save
+        # the client's leaving interrupted lands first, or, if it never started, its text goes with
+        # the rest: the reply keeps every token in order (`append` writes only while streaming, so a
+        # save landing after `finish` would be lost).
         source.cancel()
-        if pending:
-            store.append(message_id, "".join(pending))
+        rest = "".join(pending)
+        if in_flight is not None:
+            saving, chunk = in_flight
+            if saving.cancel():
+                rest = chunk + rest
+            else:
+                wait_for([saving])
+        if rest:
+            store.append(message_id, rest)
         status = "complete" if finish in ("stop", "length") else "incomplete"
         usage = source.usage
         speed = usage.tokens_per_second
