@@ -451,7 +451,7 @@ def readme_figures() -> str:
         medians, cpu = result["medians"], result["machine"]["cpu"]
         lines += [
             "Measured in one run by `python benchmarks/serve_load.py` on a "
-            f"{cpu['cores']}-core {cpu['model']} "
+            f"{cpu['cores']}-core {cpu['model']} with {', '.join(cpu['flags']) or 'no vector flags of note'} "
             f"(commit {result['machine']['commit']}, {result['machine']['date']}):",
             "",
             "| concurrent streams | Tertulia tok/s | llama-server tok/s | ratio | first token p95, "

@@ -186,7 +186,6 @@ class ChatTemplate:
         ids += template_text(text[cursor:])
         return ids
 
-
     def encode_marked(
         self, messages: list[dict[str, Any]], end_ids: Collection[int]
     ) -> tuple[list[int], list[bool]]:
@@ -218,6 +217,7 @@ class ChatTemplate:
             for position in range(len(prompt), end):
                 marked[position] = True
         return ids, marked
+
 
 # The private-use characters the markers and placeholders are made of: taken out of message text, so
 # that nothing a user writes can complete, imitate or break one.

@@ -108,3 +108,18 @@ def test_suite_report_and_refusal_to_overwrite(tiny_hf_dir: Path, tmp_path: Path
     assert {"report.md", "report.html", "results.json", "quality.png"} <= {p.name for p in out.iterdir()}
     again = tertulia("eval", "-m", str(tiny_hf_dir), "--suite", str(suite), "--out", str(out))
     assert again.returncode == 1 and "exists and is not empty" in again.stderr
+
+
+def test_speed_and_side_by_side(tiny_hf_dir: Path) -> None:
+    speed = tertulia("eval", "speed", "-m", str(tiny_hf_dir), "--streams", "1", "--streams", "2",
+                     "--prompt-tokens", "16", "--max-tokens", "4", "--rounds", "1", "--json")  # fmt: skip
+    assert speed.returncode == 0, speed.stderr
+    result = json.loads(speed.stdout)
+    assert [level["streams"] for level in result["levels"]] == [1, 2]
+    assert all(level["completion_tokens"] == 4 for level in result["levels"])
+    assert result["levels"][0]["prefill_tokens_per_second"] > 0 and result["peak_memory_mb"] > 0
+    table = tertulia("eval", "side-by-side", "Name a colour", "Say hi", "-m", f"{tiny_hf_dir}@none", "-m",
+                     f"{tiny_hf_dir}@int8", "--max-tokens", "3")  # fmt: skip
+    assert table.returncode == 0, table.stderr
+    assert "Name a colour" in table.stdout and "Say hi" in table.stdout
+    assert table.stdout.splitlines()[1].count("┃") == 4  # the prompt and one column per model

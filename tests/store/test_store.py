@@ -323,3 +323,21 @@ def test_the_local_user_is_created_once_by_concurrent_first_requests(store: Stor
     with ThreadPoolExecutor(8) as pool:
         ids = list(pool.map(lambda _: store.local_user().id, range(16)))
     assert len(set(ids)) == 1
+
+
+def test_ratings_by_model_sum_every_users_thumbs(store: Store) -> None:
+    """What an evaluation report shows: thumbs per model that wrote the reply, over all users."""
+    first, second = store.local_user().id, store.create_user("ana", None).id
+    for user, model, ratings in (
+        (first, "small", (1, 1, -1)),
+        (second, "small", (1,)),
+        (second, "big", (-1,)),
+    ):
+        conversation = store.create_conversation(user)
+        for rating in ratings:
+            reply = store.add_message(user, conversation.id, "assistant", "hi", model=model)
+            store.rate(user, reply.id, rating)
+    untouched = store.add_message(first, store.create_conversation(first).id, "assistant", "x", model="big")
+    store.rate(first, untouched.id, 1)
+    store.rate(first, untouched.id, 0)  # taken back: not counted
+    assert store.ratings_by_model() == {"small": (3, 1), "big": (0, 1)}
