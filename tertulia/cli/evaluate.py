@@ -108,7 +108,7 @@ def _run_one(model: str, quantize: str, task: Any) -> tuple[str, dict[str, Any]]
     """Run one task on one model with progress bars; (model name, results)."""
     from tertulia.eval.run import ModelChoice, can_run, open_model, run_task, task_data
 
-    task_data(task)  # a bad file is refused before the model loads
+    data = task_data(task)  # a bad file is refused before the model loads
     choice = ModelChoice.parse(model, quantize)
     tracker = RichTracker()
     with err.status(f"loading {choice.label}…"):
@@ -119,7 +119,7 @@ def _run_one(model: str, quantize: str, task: Any) -> tuple[str, dict[str, Any]]
             from tertulia.errors import TertuliaError
 
             raise TertuliaError(f"Cannot run {task.kind}: {reason}.")
-        return provider.name, asyncio.run(run_task(provider, task, tracker))
+        return provider.name, asyncio.run(run_task(provider, task, tracker, data))
     finally:
         tracker.close()
         provider.stop()

@@ -33,8 +33,8 @@ def _raw(path: Path) -> bytes:
     return raw
 
 
-def _text(path: Path) -> str:
-    raw = _raw(path)
+def _text(path: Path, raw: bytes | None = None) -> str:
+    raw = _raw(path) if raw is None else raw
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -54,10 +54,11 @@ def _refuse(path: Path, problems: list[Problem], expected: str) -> TaskFileError
 def _records(path: Path, expected: str) -> tuple[list[tuple[int, Any]], list[Problem]]:
     """Each line's JSON value with its number, and the lines that are not JSON (all reported together
     with the caller's own findings, so a file is fixed in one pass)."""
-    _text(path)  # the encoding, checked once for the whole file
+    raw = _raw(path)
+    _text(path, raw)  # the encoding, checked once for the whole file
     records: list[tuple[int, Any]] = []
     problems: list[Problem] = []
-    for number, record in json_lines(_raw(path)):
+    for number, record in json_lines(raw):
         if isinstance(record, Problem):
             problems.append(record)
         else:

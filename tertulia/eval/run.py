@@ -97,11 +97,10 @@ def task_data(task: Task) -> Any:
     return None
 
 
-async def run_task(provider: Provider, task: Task, tracker: Tracker) -> dict[str, Any]:
-    """One task's results (JSON-ready), with the method stated."""
+async def run_task(provider: Provider, task: Task, tracker: Tracker, data: Any) -> dict[str, Any]:
+    """One task's results (JSON-ready), with the method stated; `data` is what `task_data` read."""
     settings = task.settings
     label = f"{provider.name} · {task.name}"
-    data = task_data(task)
     if task.kind == "perplexity":
         advance = _counting(tracker.start(label, len(data), "texts"))
         if settings["assistant_only"]:
@@ -170,7 +169,9 @@ class ModelOutcome:
     peak_memory_mb: float | None = None
 
 
-async def run_model(choice: ModelChoice, suite: Suite, tracker: Tracker) -> ModelOutcome:
+async def run_model(
+    choice: ModelChoice, suite: Suite, tracker: Tracker, data: dict[str, Any]
+) -> ModelOutcome:
     reset_peak_memory()
     started = time.perf_counter()
     provider = open_model(choice)
@@ -183,7 +184,7 @@ async def run_model(choice: ModelChoice, suite: Suite, tracker: Tracker) -> Mode
             if done.skipped is None:
                 began = time.perf_counter()
                 try:
-                    done.result = await run_task(provider, task, tracker)
+                    done.result = await run_task(provider, task, tracker, data[task.name])
                 except TertuliaError as exc:
                     done.failed = str(exc)
                 finally:
@@ -209,8 +210,8 @@ def check_model(choice: ModelChoice) -> None:
 
 async def run_suite(choices: list[ModelChoice], suite: Suite, tracker: Tracker) -> list[ModelOutcome]:
     """Every task of `suite` on every model, one model loaded at a time."""
-    for task in suite.tasks:  # every file read and checked before any model loads
-        task_data(task)
+    # Every file read and checked once, before any model loads.
+    data = {task.name: task_data(task) for task in suite.tasks}
     for choice in choices:
         check_model(choice)
-    return [await run_model(choice, suite, tracker) for choice in choices]
+    return [await run_model(choice, suite, tracker, data) for choice in choices]
