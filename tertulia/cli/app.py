@@ -15,6 +15,7 @@ from tertulia.cli.demo import demo
 from tertulia.cli.evaluate import eval_app
 from tertulia.cli.finetune import finetune
 from tertulia.cli.tokens import tokens
+from tertulia.cli.train import train_app
 from tertulia.config import DEFAULT_MODEL
 
 app = typer.Typer(
@@ -26,6 +27,7 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
+app.add_typer(train_app, name="train")
 app.command()(tokens)
 app.command()(finetune)
 app.command()(demo)

@@ -119,7 +119,10 @@ def plan(
     Within a group the budget counts what is computed per row (the tokens after the shared prefix).
     """
     batches: list[BatchPlan] = []
-    for shared, members in prefix_groups(examples):
+    # Text with no untrained lead (pretraining's windows) has nothing to share: skip the sort.
+    sharing = any(e.context_lead >= MIN_SHARED for e in examples)
+    groups = prefix_groups(examples) if sharing else [(0, list(range(len(examples))))]
+    for shared, members in groups:
         lengths = [len(examples[i]) - shared for i in members]
         for chunk in bucket(lengths, batch_tokens, rng):
             batches.append((shared if len(chunk) > 1 else 0, [members[j] for j in chunk]))

@@ -27,7 +27,7 @@ from tertulia.config import DEFAULT_MODEL
 from tertulia.errors import TertuliaError
 from tertulia.train.batches import TokenizedExample, tokenize
 from tertulia.train.loop import Distributed, History, Loop, Schedule, StepReport
-from tertulia.train.output import CHECKPOINT_FILES, OUTPUT_FILES, RunFacts, write_model
+from tertulia.train.output import RunFacts, check_output, write_model
 
 Method = Literal["lora", "full"]
 # LoRA's small adapters take a much larger step than full training. On the default model and the
@@ -99,39 +99,6 @@ class Result:
     out: Path
     history: History
     stopped_early: bool
-
-
-def check_output(out: Path, *, force: bool, resume: bool) -> None:
-    if resume:
-        if not (out / "checkpoint" / "state.pt").exists():
-            raise TertuliaError(f"{out} holds no interrupted run to resume.", "Start it without --resume.")
-        return
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
-    if not out.is_dir():
-        raise TertuliaError(f"{out} exists and is not a directory.")
-    ours = (out / "metrics.json").exists() or (out / "checkpoint" / "run.json").exists()
-    if not ours:
-        raise TertuliaError(
-            f"{out} already exists and is not the output of a fine-tune: not replacing it.",
-            "Choose another --out.",
-        )
-    if not force:
-        hint = "Pass --force to replace it"
-        if (out / "checkpoint" / "state.pt").exists():
-            hint += ", or --resume to continue the interrupted run there"
-        raise TertuliaError(f"{out} already exists.", hint + ".")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES)
-    checkpoint = out / "checkpoint"
-    if checkpoint.is_dir():  # replaced whole too: what it holds must be ours as well
-        foreign += sorted(
-            f"checkpoint/{p.name}" for p in checkpoint.iterdir() if p.name not in CHECKPOINT_FILES
-        )
-    if foreign:
-        raise TertuliaError(
-            f"{out} holds files a fine-tune does not write ({', '.join(foreign[:5])}): not replacing it.",
-            "Choose another --out.",
-        )
 
 
 def prepare(train_file: Path, settings: Settings, validation_file: Path | None = None) -> Prepared:
@@ -207,7 +174,7 @@ def available_memory() -> int | None:
     return None
 
 
-def _parallel() -> Distributed:
+def parallel_processes() -> Distributed:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Distributed(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -263,7 +230,7 @@ def finetune(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> Result:
     """Train and write `out`; raises loop.Interrupted (state saved, `resume=True` continues)."""
-    parallel = _parallel()
+    parallel = parallel_processes()
     check_output(out, force=force, resume=resume)
     run_file = out / "checkpoint" / "run.json"
     if resume:

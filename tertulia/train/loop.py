@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,7 @@ from torch import nn
 from tertulia.errors import TertuliaError
 from tertulia.train.batches import IGNORE, Batch, BatchPlan, TokenizedExample, collate, for_rank, plan
 
+T = TypeVar("T")
 CHECKPOINT_VERSION = 2  # 2: plain containers only, read with weights_only=True
 
 
@@ -87,6 +88,8 @@ class Schedule:
     patience: int  # epochs without a better validation loss before stopping
     seed: int
     save_every: float  # seconds between mid-epoch checkpoints
+    max_steps: int | None = None  # stop here, mid-epoch if need be (pretraining's token budget)
+    eval_every: int = 0  # also evaluate every this many steps (0: only at the end of each epoch)
 
 
 @dataclass
@@ -103,6 +106,7 @@ class StepReport:
 class History:
     train_loss: list[tuple[int, float]] = field(default_factory=list)  # (global step, loss)
     epochs: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)  # the periodic ones, mid-epoch
     tokens: int = 0  # real tokens trained on, all processes
     seconds: float = 0.0
 
@@ -147,11 +151,12 @@ class Loop:
         parallel: Distributed,
         on_step: Callable[[StepReport], None] | None = None,
         on_epoch: Callable[[dict[str, float]], None] | None = None,
+        on_eval: Callable[[dict[str, float]], None] | None = None,
     ) -> None:
         self.loss = AssistantLoss(model)
         self.train, self.validation, self.schedule = train, validation, schedule
         self.pad_id, self.checkpoint, self.parallel = pad_id, checkpoint, parallel
-        self.on_step, self.on_epoch = on_step, on_epoch
+        self.on_step, self.on_epoch, self.on_eval = on_step, on_epoch, on_eval
         self.parameters = [p for p in self.loss.parameters() if p.requires_grad]
         self.wrapped: nn.Module = self.loss
         if parallel.world > 1:
@@ -166,12 +171,17 @@ class Loop:
             ],
             lr=schedule.lr,
         )
-        self.plan = [
-            self._steps(
-                for_rank(plan(train, schedule.batch_tokens, self._rng(epoch)), parallel.rank, parallel.world)
-            )
-            for epoch in range(schedule.epochs)
-        ]
+        self.plan = _truncated(
+            [
+                self._steps(
+                    for_rank(
+                        plan(train, schedule.batch_tokens, self._rng(epoch)), parallel.rank, parallel.world
+                    )
+                )
+                for epoch in range(schedule.epochs)
+            ],
+            schedule.max_steps,
+        )
         self.total_steps = sum(len(p) for p in self.plan)
         warmup = max(1, round(schedule.warmup * self.total_steps)) if schedule.warmup > 0 else 0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -196,7 +206,7 @@ class Loop:
     def run(self) -> History:
         """Train to the end (or an early stop); raises Interrupted after saving on Ctrl-C/SIGTERM."""
         with self._interrupts():
-            while self.epoch < self.schedule.epochs and not self.stopped_early:
+            while self.epoch < len(self.plan) and not self.stopped_early:
                 self._train_epoch()
                 self._end_epoch()
         if self.best_state is not None:
@@ -231,6 +241,8 @@ class Loop:
                         tokens / seconds if seconds else 0.0,
                     )
                 )
+            if self.schedule.eval_every and self.global_step % self.schedule.eval_every == 0:
+                self._periodic_eval()
             if self._stop_agreed():
                 self.save()
                 # No process leaves before the save is done: torchrun would kill the others mid-write.
@@ -278,6 +290,15 @@ class Loop:
         nll, correct, count = self.parallel.sum(nll, correct, count)
         self.loss.train()
         return nll / max(count, 1), correct / max(count, 1)
+
+    def _periodic_eval(self) -> None:
+        if not self.validation or self.step_in_epoch == len(self.plan[self.epoch]):
+            return  # nothing to evaluate on, or the end of the epoch evaluates anyway
+        val_loss, accuracy = self.evaluate()
+        record = {"step": self.global_step, "val_loss": val_loss, "val_accuracy": accuracy}
+        self.history.evals.append(record)
+        if self.on_eval:
+            self.on_eval(record)
 
     def _end_epoch(self) -> None:
         record: dict[str, float] = {"epoch": self.epoch + 1, "step": self.global_step}
@@ -386,6 +407,19 @@ class Loop:
         self.best_loss, self.best_state = state["best_loss"], state["best_state"]
         self.bad_epochs, self.stopped_early = state["bad_epochs"], state["stopped_early"]
         torch.set_rng_state(state["rng"].cpu())
+
+
+def _truncated(epochs: list[list[T]], max_steps: int | None) -> list[list[T]]:
+    """The epochs' steps cut after `max_steps` in all (empty epochs dropped)."""
+    if max_steps is None:
+        return epochs
+    kept, left = [], max_steps
+    for steps in epochs:
+        if left <= 0:
+            break
+        kept.append(steps[:left])
+        left -= len(kept[-1])
+    return kept
 
 
 def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:

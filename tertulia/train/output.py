@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from tertulia.errors import TertuliaError
 from tertulia.train.loop import History
 
 # What a fine-tune writes; --force replaces a directory only when it holds nothing else.
@@ -26,10 +28,19 @@ OUTPUT_FILES = {
     "README.md",
     "metrics.json",
     "loss.png",
+    "report.md",  # chat tuning (`train sft`) adds the run's report
+    "curves.png",
     "checkpoint",
     ".writing",
 }
-CHECKPOINT_FILES = {"state.pt", "state.pt.partial", "run.json"}
+CHECKPOINT_FILES = {
+    "state.pt",
+    "state.pt.partial",
+    "run.json",
+    "train.bin",
+    "held-out.bin",
+    "evaluations.json",
+}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -49,14 +60,64 @@ class RunFacts:
     command: str
 
 
+def check_output(
+    out: Path, *, force: bool, resume: bool, files: set[str] = OUTPUT_FILES, what: str = "a fine-tune"
+) -> None:
+    """Refuse to write over anything but a finished or interrupted run of the same kind (with --force)."""
+    if resume:
+        if not (out / "checkpoint" / "state.pt").exists():
+            raise TertuliaError(f"{out} holds no interrupted run to resume.", "Start it without --resume.")
+        return
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not out.is_dir():
+        raise TertuliaError(f"{out} exists and is not a directory.")
+    ours = (out / "metrics.json").exists() or (out / "checkpoint" / "run.json").exists()
+    if not ours:
+        raise TertuliaError(
+            f"{out} already exists and is not the output of {what}: not replacing it.",
+            "Choose another --out.",
+        )
+    if not force:
+        hint = "Pass --force to replace it"
+        if (out / "checkpoint" / "state.pt").exists():
+            hint += ", or --resume to continue the interrupted run there"
+        raise TertuliaError(f"{out} already exists.", hint + ".")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in files | {"checkpoint", ".writing"})
+    checkpoint = out / "checkpoint"
+    if checkpoint.is_dir():  # replaced whole too: what it holds must be ours as well
+        foreign += sorted(
+            f"checkpoint/{p.name}" for p in checkpoint.iterdir() if p.name not in CHECKPOINT_FILES
+        )
+    if foreign:
+        raise TertuliaError(
+            f"{out} holds files {what} does not write ({', '.join(foreign[:5])}): not replacing it.",
+            "Choose another --out.",
+        )
+
+
+def publish(out: Path, write: Callable[[Path], None]) -> None:
+    """`write` fills a staging folder inside `out`; its files then move in, each whole (a rename)."""
+    staging = out / ".writing"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    write(staging)
+    for file in staging.iterdir():
+        file.replace(out / file.name)
+    staging.rmdir()
+
+
 def write_model(
     model: nn.Module, base_dir: Path, chat_template: str, out: Path, facts: RunFacts, history: History
 ) -> None:
     """Merge the adapter into the weights and write the directory; files appear only once complete."""
     merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    staging = out / ".writing"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    publish(out, lambda staging: _write_model(merged, base_dir, chat_template, staging, facts, history))
+
+
+def _write_model(
+    merged: nn.Module, base_dir: Path, chat_template: str, staging: Path, facts: RunFacts, history: History
+) -> None:
     merged.save_pretrained(staging)
     for name in TOKENIZER_FILES:
         if (base_dir / name).exists():
@@ -71,9 +132,6 @@ def write_model(
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plotted = plot_losses(history, staging / "loss.png")
     (staging / "README.md").write_text(model_card(facts, history, plotted), encoding="utf-8")
-    for file in staging.iterdir():
-        file.replace(out / file.name)
-    staging.rmdir()
 
 
 def plot_losses(history: History, path: Path) -> bool:
@@ -89,7 +147,7 @@ def plot_losses(history: History, path: Path) -> bool:
     if history.train_loss:
         steps, losses = zip(*history.train_loss, strict=True)
         axis.plot(steps, losses, color="#9bb7d4", linewidth=1, label="train loss (step)")
-        axis.plot(steps, _smooth(list(losses)), color="#1f5fa8", linewidth=2, label="train loss (smoothed)")
+        axis.plot(steps, smooth(list(losses)), color="#1f5fa8", linewidth=2, label="train loss (smoothed)")
     validated = [e for e in history.epochs if "val_loss" in e]
     if validated:
         axis.plot(
@@ -121,7 +179,7 @@ def plot_losses(history: History, path: Path) -> bool:
     return True
 
 
-def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
+def smooth(values: list[float], weight: float = 0.8) -> list[float]:
     smoothed, current = [], values[0]
     for value in values:
         current = weight * current + (1 - weight) * value
