@@ -100,6 +100,7 @@ bench: $(BENCH_STAMP) $(NATIVE_STAMP)
 	$(PY) benchmarks/json_mode.py --max-tokens 300 --seeds 5
 	$(PY) benchmarks/int4_cache.py --runs 7
 	$(PY) benchmarks/eval_perplexity.py --rounds 3
+	$(PY) benchmarks/train_scratch.py --minutes 15 --steps 40 --rounds 3
 	$(PY) benchmarks/report.py
 
 # Serving speed of the working tree against another commit, in one run: make bench-ab BASE=REF

@@ -352,6 +352,13 @@ def targets(results: dict[str, dict]) -> str:
             rows.append((f"engine decode, × transformers, {label}", "≥ 2.0×", f"{value:.2f}×"))
         start = statistics.median(decoding["warm_start_seconds"])
         rows.append(("warm `tertulia chat -p` to first token", "< 2 s", f"{start:.2f} s"))
+    scratch = results.get("train_scratch")
+    if scratch:
+        bits = next(iter(scratch["quality"]["bits_per_byte"].values()))
+        rows.append(("15-minute pretraining, held-out bits per byte (chitchat)", "≤ 1.6", f"{bits:.3f}"))
+        rows.append(
+            ("pretraining tok/s, × transformers `Trainer`", "≥ 1.5×", f"{scratch['speed']['ratio']:.2f}×")
+        )
     if not rows:
         return ""
     lines = [
@@ -415,6 +422,46 @@ def eval_perplexity(result: dict) -> str:
     return "\n".join(lines)
 
 
+def train_scratch(result: dict) -> str:
+    settings, quality, speed = result["settings"], result["quality"], result["speed"]
+    model, tokenizer = quality["model"], quality["tokenizer"]
+    lines = [
+        "## Training from scratch: 15 minutes on chitchat",
+        "",
+        f"Command: `python benchmarks/train_scratch.py --minutes {settings['minutes']:g} --depth "
+        f"{settings['depth']} --steps {settings['steps']} --rounds {settings['rounds']}`. "
+        + machine_line(result),
+        "",
+        f"`tertulia train tokenizer` ({tokenizer['vocab']:,} tokens, {tokenizer['seconds']:.0f} s; "
+        f"{tokenizer['bytes_per_token']:.2f} bytes per held-out token against "
+        f"{tokenizer['default_bytes_per_token']:.2f} for SmolLM2's 49,152) then `tertulia train pretrain "
+        f"--depth {model['depth']} --time-budget {settings['minutes']:g}m` on chitchat-dataset: "
+        f"layers × width {model['layers × width']}, {model['parameters']} parameters, context "
+        f"{model['context']}; "
+        f"{quality['tokens_seen']:,} tokens in {quality['steps']} steps, {quality['wall_seconds'] / 60:.1f} "
+        f"minutes of wall time for a budget of {quality['budget_seconds'] / 60:g}. Bits per byte on the "
+        f"held-out conversations ({quality['held_out_documents']} of them, "
+        f"{quality['held_out_bytes'] / 1e3:.0f} kB, never trained on), the two models by "
+        "lm-evaluation-harness's rolling windows through the engine:",
+        "",
+        "| model | held-out bits per byte |",
+        "|---|---|",
+        *[f"| {name} | {bits:.3f} |" for name, bits in quality["bits_per_byte"].items()],
+        "",
+        "Training speed, the same model, windows, batch, optimizer and schedule, "
+        f"{settings['steps']} steps per run, fresh processes alternating; steps only on both sides:",
+        "",
+        "| trainer | tok/s (median) | per run |",
+        "|---|---|---|",
+    ]
+    names = {"tertulia": "`tertulia train pretrain`", "trainer": "transformers `Trainer`"}
+    for worker, label in names.items():
+        per_run = ", ".join(f"{r['tok/s']:.0f}" for r in speed["runs"][worker])
+        lines.append(f"| {label} | {speed['medians'][worker]:.0f} | {per_run} |")
+    lines += ["", f"Ratio of the medians: **{speed['ratio']:.2f}×**."]
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "prefix_cache": prefix_cache,
     "json_mode": json_mode,
@@ -425,6 +472,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "profile": profile,
     "finetune": finetune,
     "eval_perplexity": eval_perplexity,
+    "train_scratch": train_scratch,
 }
 
 

@@ -74,8 +74,8 @@ def pretrain(
     ] = None,
     tokens: Annotated[int | None, typer.Option(help="Tokens to train on, instead of a time budget.")] = None,
     context: Annotated[int, typer.Option(help="Tokens per training window (the model's context).")] = 512,
-    batch_tokens: Annotated[int, typer.Option(help="Tokens per optimizer step (per process).")] = 4096,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-3,
+    batch_tokens: Annotated[int, typer.Option(help="Tokens per optimizer step (per process).")] = 2048,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1.5e-3,
     warmup: Annotated[float, typer.Option(help="Share of the steps that warm the learning rate up.")] = 0.05,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.1,
     evaluations: Annotated[int, typer.Option(help="Validations (with samples) over the run.")] = 10,
@@ -144,7 +144,11 @@ def sft(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the chat model.")],
     epochs: Annotated[int, typer.Option(help="Passes over the data (early stopping may end sooner).")] = 1,
     max_examples: Annotated[
-        int | None, typer.Option(help="Train on at most this many examples (drawn at random).")
+        int | None,
+        typer.Option(
+            help="Train on at most this many examples, drawn at random (default: all of a file, "
+            "2,000 from a corpus)."
+        ),
     ] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
     batch_tokens: Annotated[int, typer.Option(help="Tokens per micro-batch, padding included.")] = 4096,

@@ -323,4 +323,11 @@ def _describe(path: Path) -> str:
         config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return "HF directory (unreadable config.json)"
-    return f"{config.get('model_type', '?')}, {config.get('num_hidden_layers', '?')} layers"
+    described = f"{config.get('model_type', '?')}, {config.get('num_hidden_layers', '?')} layers"
+    try:  # a model trained here from scratch names its stages (`tertulia train`)
+        stages = json.loads((path / "metrics.json").read_text()).get("stages") or []
+        if stages:
+            described += ", trained here: " + ", ".join(str(s.get("name")) for s in stages)
+    except (OSError, json.JSONDecodeError, AttributeError):
+        pass
+    return described

@@ -90,6 +90,7 @@ class Schedule:
     save_every: float  # seconds between mid-epoch checkpoints
     max_steps: int | None = None  # stop here, mid-epoch if need be (pretraining's token budget)
     eval_every: int = 0  # also evaluate every this many steps (0: only at the end of each epoch)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's; pretraining from scratch takes (0.9, 0.95)
 
 
 @dataclass
@@ -170,6 +171,7 @@ class Loop:
                 {"params": no_decay, "weight_decay": 0},
             ],
             lr=schedule.lr,
+            betas=schedule.betas,
         )
         self.plan = _truncated(
             [

@@ -35,6 +35,7 @@ import torch
 
 from tertulia.errors import TertuliaError
 from tertulia.models.tokenizer import Tokenizer
+from tertulia.train.baseline import char_bigram_bits_per_byte
 from tertulia.train.batches import TokenizedExample, collate
 from tertulia.train.corpora import Corpus, documents
 from tertulia.train.finetune import available_memory, memory_needed, parallel_processes
@@ -120,8 +121,11 @@ class Settings:
     context: int = 512
     time_budget: float | None = 15 * 60  # seconds; None with `tokens`
     tokens: int | None = None  # tokens to train on, instead of a time budget
-    batch_tokens: int = 4096  # per optimizer step and process
-    lr: float = 3e-3
+    batch_tokens: int = 2048  # per optimizer step and process: more, smaller steps learn more per token here
+    lr: float = 1.5e-3
+    beta2: float = (
+        0.95  # AdamW's second moment: shorter memory than the default 0.999, steadier at small batches
+    )
     warmup: float = 0.05
     weight_decay: float = 0.1
     max_grad_norm: float = 1.0
@@ -230,6 +234,26 @@ def tokenize_corpus(tokenizer: Tokenizer, sources: list[Corpus], held_out: bool,
     return count
 
 
+def _tokenize(tokenizer: Tokenizer, sources: list[Corpus], out: Path, context: int) -> TertuliaError | None:
+    """Both splits into `out/checkpoint`; on a problem, `out` is removed again (nothing half-made stays)."""
+    if out.exists():
+        shutil.rmtree(out)
+    data_dir = out / "checkpoint"
+    data_dir.mkdir(parents=True)
+    try:
+        train = tokenize_corpus(tokenizer, sources, False, data_dir / "train.bin")
+        tokenize_corpus(tokenizer, sources, True, data_dir / "held-out.bin")
+        if train <= context:
+            raise TertuliaError(
+                f"The corpus gives {train} training tokens, not enough for one window of {context}.",
+                "Add text, or lower --context.",
+            )
+    except TertuliaError as exc:
+        shutil.rmtree(out, ignore_errors=True)
+        return exc
+    return None
+
+
 def _token_file(path: Path, tokenizer: Tokenizer) -> np.ndarray:
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     return np.memmap(path, dtype=dtype, mode="r")
@@ -269,28 +293,20 @@ def pretrain(
 
     parallel.barrier()  # every process has checked `out` before the first one writes there
     data_dir = out / "checkpoint"
+    problem: TertuliaError | None = None
     if parallel.main and not resume:
-        if out.exists():
-            shutil.rmtree(out)
-        data_dir.mkdir(parents=True)
-        counts = {
-            "train": tokenize_corpus(tokenizer, sources, False, data_dir / "train.bin"),
-            "held-out": tokenize_corpus(tokenizer, sources, True, data_dir / "held-out.bin"),
-        }
-        if counts["train"] <= settings.context:
-            raise TertuliaError(
-                f"The corpus gives {counts['train']} training tokens, not enough for one window of "
-                f"{settings.context}.",
-                "Add text, or lower --context.",
-            )
-    parallel.barrier()
+        problem = _tokenize(tokenizer, sources, out, settings.context)
+    if parallel.sum(float(problem is not None))[0]:  # every process stops, or the others would wait
+        raise problem or TertuliaError("The corpus could not be read (see the first process's message).")
     train_tokens = _token_file(data_dir / "train.bin", tokenizer)
     held_tokens = _token_file(data_dir / "held-out.bin", tokenizer)
     separator = tokenizer.token_to_id(DOCUMENT_SEPARATOR)
     every = np.ones  # a training window learns every next token, separators included
     train = Windows(train_tokens, settings.context, lambda ids: every(len(ids), dtype=bool))
+    validated_on = "the held-out split"
     if len(held_tokens) <= settings.context:  # too little held out: validate on the end of training data
         held_tokens = train_tokens[-min(len(train_tokens), VALIDATION_TOKENS) :]
+        validated_on = "the end of the training data (too little text was held out)"
     validation_all = Windows(held_tokens, settings.context, lambda ids: ids != separator)
     validation = [
         validation_all[i] for i in range(min(len(validation_all), VALIDATION_TOKENS // settings.context + 1))
@@ -329,6 +345,7 @@ def pretrain(
         save_every=settings.save_every_minutes * 60,
         max_steps=steps,
         eval_every=max(1, steps // settings.evaluations),
+        betas=(0.9, settings.beta2),
     )
     evaluations: list[Evaluation] = []
     prompts = _sample_prompts(validation, separator)
@@ -369,6 +386,7 @@ def pretrain(
             "steps": steps,
             "processes": parallel.world,
             "tokens": {"train": len(train_tokens), "held-out": len(held_tokens)},
+            "validated on": validated_on,
         }
         run_file.write_text(json.dumps(record, indent=2))
     if resume:
@@ -391,7 +409,19 @@ def pretrain(
     if parallel.main:
         wall = time.monotonic() - started
         run = json.loads(run_file.read_text())
-        _write(out, model, tokenizer_dir, shape, settings, run, history, evaluations, wall, final_metrics)
+        _write(
+            out,
+            sources,
+            model,
+            tokenizer_dir,
+            shape,
+            settings,
+            run,
+            history,
+            evaluations,
+            wall,
+            final_metrics,
+        )
     parallel.barrier()
     return Result(out, shape, history, evaluations, steps)
 
@@ -431,7 +461,7 @@ def _tokens_per_second(
     settings: Settings,
     pad: int,
     parallel: Distributed,
-    steps: int = 4,
+    steps: int = 8,
 ) -> float:
     """Training speed of this model on this machine, timed on a copy (the run's weights stay untouched)."""
     probe = copy.deepcopy(model)
@@ -447,7 +477,7 @@ def _tokens_per_second(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - begun)
-    return batch.computed_tokens / statistics.median(seconds[1:])
+    return batch.computed_tokens / statistics.median(seconds[2:])  # the first steps warm the allocator
 
 
 def _steps(
@@ -519,6 +549,7 @@ def _samples(model: Any, tokenizer: Tokenizer, prompts: list[list[int]], seed: i
 
 def _write(
     out: Path,
+    sources: list[Corpus],
     model: Any,
     tokenizer_dir: Path,
     shape: Shape,
@@ -538,6 +569,11 @@ def _write(
 
     publish(out, write)
     extra = final_metrics(out) if final_metrics else {}
+    texts = [d.text for d in documents(sources, held_out=True)]
+    if texts:
+        extra["a character bigram on the same held-out text (bits per byte)"] = char_bigram_bits_per_byte(
+            (d.text for d in documents(sources, held_out=False)), texts
+        )
     stage = Stage(
         name="pretraining",
         command=run.get("command", "tertulia train pretrain"),
@@ -546,6 +582,7 @@ def _write(
             "tokenizer": f"{run['tokenizer']} ({shape.vocab} tokens)",
             "training tokens (one pass)": f"{run['tokens']['train']:,}",
             "held-out tokens": f"{run['tokens']['held-out']:,}",
+            "validation": run["validated on"],
         },
         model={
             "depth": shape.depth,
