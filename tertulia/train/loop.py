@@ -185,9 +185,9 @@ class Loop:
             schedule.max_steps,
         )
         self.total_steps = sum(len(p) for p in self.plan)
-        warmup = max(1, round(schedule.warmup * self.total_steps)) if schedule.warmup > 0 else 0
+        self.warmup_steps = max(1, round(schedule.warmup * self.total_steps)) if schedule.warmup > 0 else 0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _warmup_cosine(warmup, self.total_steps)
+            self.optimizer, _warmup_cosine(self.warmup_steps, self.total_steps)
         )
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.history = History()
@@ -204,6 +204,15 @@ class Loop:
         accum = self.schedule.grad_accum
         return [batches[i : i + accum] for i in range(0, len(batches), accum)]
 
+    def retarget(self, total_steps: int) -> None:
+        """End sooner than planned (a run found slower than it was timed): the plan is cut at
+        `total_steps` and the learning rate's decay re-aimed to reach zero there."""
+        total_steps = max(self.global_step + 1, min(total_steps, self.total_steps))
+        self.plan = _truncated(self.plan, total_steps)
+        self.total_steps = total_steps
+        decay = _warmup_cosine(min(self.warmup_steps, total_steps), total_steps)
+        self.scheduler.lr_lambdas = [decay] * len(self.scheduler.lr_lambdas)
+
     # --- running ---------------------------------------------------------------------------------
     def run(self) -> History:
         """Train to the end (or an early stop); raises Interrupted after saving on Ctrl-C/SIGTERM."""
@@ -217,9 +226,9 @@ class Loop:
 
     def _train_epoch(self) -> None:
         self.loss.train()
-        steps = self.plan[self.epoch]
         last_save = time.monotonic()
-        while self.step_in_epoch < len(steps):
+        while self.step_in_epoch < len(self.plan[self.epoch]):  # read each step: `retarget` may cut it
+            steps = self.plan[self.epoch]
             started = time.perf_counter()
             batches = [
                 collate([self.train[i] for i in indices], self.pad_id, shared)

@@ -47,6 +47,7 @@ from tertulia.train.tokenizer_train import CHAT_TEMPLATE, DOCUMENT_SEPARATOR, SP
 HEAD_DIM = 64
 VALIDATION_TOKENS = 32_768  # held-out tokens each periodic validation scores
 SAMPLE_TOKENS = 40
+WRITING_SECONDS = 15.0  # writing the model, scoring the held-out text, the report
 FILES = {
     "config.json",
     "generation_config.json",
@@ -401,6 +402,13 @@ def pretrain(
     }
     if on_start:
         on_start(loop, shape, facts)
+    step_reports = on_step
+    if settings.tokens is None and not resume:
+        reserve = WRITING_SECONDS + settings.evaluations * (evaluate_seconds + 1.0)
+        step_reports = _on_time(
+            loop, parallel, started + (settings.time_budget or 0) - reserve, run_file, on_step
+        )
+    loop.on_step = step_reports
     try:
         history = loop.run()
     finally:
@@ -423,7 +431,38 @@ def pretrain(
             final_metrics,
         )
     parallel.barrier()
-    return Result(out, shape, history, evaluations, steps)
+    return Result(out, shape, history, evaluations, loop.total_steps)
+
+
+def _on_time(
+    loop: Loop,
+    parallel: Distributed,
+    deadline: float,
+    run_file: Path,
+    on_step: Callable[[StepReport], None] | None,
+) -> Callable[[StepReport], None]:
+    """Step reports that, a tenth into the run, check the pace against the deadline (what must follow
+    the last step already taken off) and cut the run, and its learning-rate decay, to end on time if
+    the steps turned out slower than timed."""
+    check_at = max(10, loop.total_steps // 10)
+    began = time.monotonic()
+
+    def report(step: StepReport) -> None:
+        if step.step == check_at:
+            now = time.monotonic()
+            per_step = (now - began) / check_at  # validations so far included
+            fits = check_at + int((deadline - now) / per_step)
+            fits = int(parallel.sum(float(fits))[0] / parallel.world)  # every process, the same cut
+            if fits < loop.total_steps:
+                loop.retarget(fits)
+                if parallel.main:
+                    run = json.loads(run_file.read_text())
+                    run["steps"] = loop.total_steps
+                    run_file.write_text(json.dumps(run, indent=2))
+        if on_step:
+            on_step(step)
+
+    return report
 
 
 def _recorded(run_file: Path) -> dict[str, Any]:
@@ -488,7 +527,7 @@ def _steps(
     assert settings.time_budget is not None
     left = settings.time_budget - (time.monotonic() - started)
     left -= (settings.evaluations + 1) * (evaluate_seconds + 1.0)  # validations and their samples
-    left -= 10.0  # writing the model and the report
+    left -= WRITING_SECONDS
     if left <= 0:
         raise TertuliaError(
             f"--time-budget {settings.time_budget:.0f}s leaves no time to train once the data is ready.",

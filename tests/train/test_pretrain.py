@@ -78,8 +78,8 @@ def test_a_duration_that_is_not_one_is_refused(text: str) -> None:
 
 def test_a_time_budget_becomes_the_steps_that_fit_in_it() -> None:
     settings = Settings(time_budget=100.0, evaluations=4)
-    # 100 s less 5 validations of 1 s (+1 s of samples each) and 10 s for writing: 80 s at 1,000 tok/s.
-    assert _steps(settings, 1000.0, 100, 1.0, time.monotonic()) in (799, 800)
+    # 100 s less 5 validations of 1 s (+1 s of samples each) and 15 s for writing: 75 s at 1,000 tok/s.
+    assert _steps(settings, 1000.0, 100, 1.0, time.monotonic()) in (749, 750)
     assert _steps(Settings(time_budget=None, tokens=25_000), 1.0, 1000, 9.0, 0.0) == 25
     with pytest.raises(TertuliaError, match="leaves no time to train"):
         _steps(Settings(time_budget=20.0), 1000.0, 100, 1.0, time.monotonic())
@@ -195,3 +195,27 @@ def test_a_short_run_learns_writes_a_served_model_and_resumes_after_a_stop(
         )
         logits = loaded.module.compute_logits(hidden)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_run_slower_than_timed_is_cut_to_end_on_time_with_its_decay_complete(
+    tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    planned: list[int] = []
+    rates: list[float] = []
+
+    def slow_step(report: StepReport) -> None:
+        rates.append(report.lr)
+        time.sleep(0.1)  # each step now takes far longer than the steps that were timed
+
+    result = pretrain(
+        [corpus("chatterbot")],
+        tokenizer_dir,
+        tmp_path / "base",
+        Settings(depth=1, context=64, batch_tokens=256, time_budget=45, evaluations=2),
+        on_start=lambda loop, shape, facts: planned.append(int(facts["steps"])),
+        on_step=slow_step,
+    )
+    assert result.steps < planned[0] and len(rates) == result.steps
+    assert rates[-1] < 0.01 * max(rates)  # the learning rate still decayed to (nearly) zero at the cut
+    run_steps = json.loads((tmp_path / "base" / "metrics.json").read_text())["stages"][0]["hyperparameters"]
+    assert run_steps["steps"] == result.steps
